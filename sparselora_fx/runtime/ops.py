@@ -1,0 +1,469 @@
+"""Gather-linear custom ops: a linear layer that computes only the kept channels of a frozen weight.
+
+Why custom ops and not `index_select` + `linear` written into the graph: the AOT partitioner
+would save the gathered weight `W[idx]` for backward (gigabytes at 8B scale). These ops save
+only `(weight, idx)` and gather again inside the backward op (the Triton kernels read by index
+and copy nothing); Inductor calls each as one extern op, so FLOPs, saved memory and fake-tensor
+shapes stay exactly what is executed.
+
+Ops (namespace `sparselora`; `OPS` lists them):
+
+- `rows_linear(x[..., in], W[out, in], idx[k], bias?) -> [..., k]`: kept output channels
+  (gate/up/fc1 side of an MLP).
+- `rows_linear_scatter(...) -> [..., out]`: the same values written at columns `idx` of a
+  zero full-width output (q/k/v side, where the dense LoRA output is added to it).
+- `cols_linear(x[..., k], W[out, in], idx[k]) -> [..., out]`: kept input channels only
+  (down/fc2 side); a bias is added by the caller.
+- `cols_linear_gather(x[..., in], W, idx) -> [..., out]`: reads only columns `idx` of a
+  full-width input (o_proj side).
+- `rows_linear_dx`, `cols_linear_dx`: the input gradients, ops of their own so that backward
+  is counted, traced and (on CUDA) run by the same gather-GEMM kernels.
+
+The base weight and bias are frozen: only `x` is differentiable. `idx` must hold distinct
+in-range channel indices (what top-k yields); that is not checked at run time because the
+check would synchronise the device on every call.
+"""
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, NoReturn, Optional
+
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
+
+from sparselora_fx.errors import SparseLoRAError
+
+__all__ = [
+    "OPS",
+    "cols_linear",
+    "cols_linear_dx",
+    "cols_linear_gather",
+    "rows_linear",
+    "rows_linear_dx",
+    "rows_linear_scatter",
+]
+
+NAMESPACE = "sparselora"
+
+#: Names of the ops this module registers under `torch.ops.sparselora` (for docs and checks).
+OPS: tuple[str, ...] = (
+    "rows_linear",
+    "rows_linear_scatter",
+    "cols_linear",
+    "cols_linear_gather",
+    "rows_linear_dx",
+    "cols_linear_dx",
+)
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# fp64 always takes the torch path: the Triton kernels target training dtypes.
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+@functools.cache
+def _kernel_modules() -> Optional[tuple[ModuleType, ModuleType]]:
+    """Import (kernels, kernels.gather_gemm) once; None when Triton or the modules are absent."""
+    try:
+        from sparselora_fx.runtime import kernels
+        from sparselora_fx.runtime.kernels import gather_gemm
+    except ImportError:
+        return None
+    if not getattr(kernels, "HAS_TRITON", False):
+        return None
+    return kernels, gather_gemm
+
+
+def _kernels_for(device: torch.device, dtype: torch.dtype) -> Optional[ModuleType]:
+    """The one dispatch point: Triton kernels on CUDA when available and enabled, else None.
+
+    None means the device-generic torch path (index_select + mm), which runs anywhere.
+    """
+    if device.type != "cuda" or dtype not in _TRITON_DTYPES:
+        return None
+    modules = _kernel_modules()
+    if modules is None:
+        return None
+    kernels, gather_gemm = modules
+    return gather_gemm if kernels.kernels_enabled(device) else None
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _fail(op: str, what: str, fix: str) -> NoReturn:
+    raise SparseLoRAError(f"{NAMESPACE}::{op}: {what}. {fix}")
+
+
+def _check_weight_idx(op: str, x: Tensor, weight: Tensor, idx: Tensor, x_name: str = "x") -> None:
+    """Checks shared by every op; run by the real and the fake kernels alike."""
+    if weight.dim() != 2:
+        _fail(op, f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}",
+              "Pass the frozen nn.Linear weight itself.")
+    if x.dim() < 1:
+        _fail(op, f"{x_name} must have at least one dimension, got a scalar",
+              f"Pass {x_name} as [..., features].")
+    if x.dtype not in _FLOAT_DTYPES:
+        _fail(op, f"{x_name} has dtype {x.dtype}; supported: fp16, bf16, fp32, fp64",
+              f"Cast {x_name} to a floating dtype.")
+    if x.dtype != weight.dtype:
+        _fail(op, f"{x_name} is {x.dtype} but weight is {weight.dtype}",
+              f"Cast {x_name} to the weight's dtype before the call "
+              "(autocast does not cast custom ops).")
+    if x.device != weight.device:
+        _fail(op, f"{x_name} is on {x.device} but weight is on {weight.device}",
+              f"Move {x_name} and weight to the same device.")
+    if idx.dtype != torch.int64:
+        _fail(op, f"idx has dtype {idx.dtype}, expected torch.int64",
+              "Pass channel indices as int64 (e.g. the indices of torch.topk).")
+    if idx.dim() != 1:
+        _fail(op, f"idx must be 1-D [k], got shape {tuple(idx.shape)}",
+              "Pass one flat list of channel indices per weight.")
+    if idx.device != weight.device:
+        _fail(op, f"idx is on {idx.device} but weight is on {weight.device}",
+              "Build idx on the weight's device (e.g. idx.to(weight.device)).")
+    k = idx.shape[0]
+    # A symbolic k is never 0 (Dynamo specialises sizes 0 and 1), so this check is static.
+    if isinstance(k, int) and k == 0:
+        _fail(op, "idx is empty (k = 0 kept channels)",
+              "Keep at least one channel, or skip the layer: a fully sparse layer is a zero "
+              "output and needs no op.")
+
+
+def _check_last_dim(op: str, t: Tensor, name: str, expected: Any, what: str) -> None:
+    if t.shape[-1] != expected:
+        _fail(op, f"{name} has last dimension {t.shape[-1]} but {what} is {expected}",
+              f"Pass {name} with shape [..., {expected}].")
+
+
+def _check_bias(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    if bias is None:
+        return
+    if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+        _fail(op, f"bias has shape {tuple(bias.shape)}, expected [{weight.shape[0]}]",
+              "Pass the full (un-gathered) bias of the linear layer, or None.")
+    if bias.dtype != x.dtype or bias.device != x.device:
+        _fail(op, f"bias is {bias.dtype} on {bias.device} but x is {x.dtype} on {x.device}",
+              "Cast and move bias to match x and weight.")
+
+
+def _check_rows(op: str, x: Tensor, weight: Tensor, idx: Tensor, bias: Optional[Tensor]) -> None:
+    _check_weight_idx(op, x, weight, idx)
+    _check_last_dim(op, x, "x", weight.shape[1], "weight's in_features")
+    _check_bias(op, x, weight, bias)
+
+
+def _check_cols_kept(op: str, x: Tensor, weight: Tensor, idx: Tensor, x_name: str = "x") -> None:
+    _check_weight_idx(op, x, weight, idx, x_name)
+    _check_last_dim(op, x, x_name, idx.shape[0], "the number of kept channels len(idx)")
+
+
+def _check_cols_full(op: str, x: Tensor, weight: Tensor, idx: Tensor, x_name: str = "x") -> None:
+    _check_weight_idx(op, x, weight, idx, x_name)
+    _check_last_dim(op, x, x_name, weight.shape[1], "weight's in_features")
+
+
+def _check_rows_dx(grad: Tensor, weight: Tensor, idx: Tensor, in_features: int) -> None:
+    _check_cols_kept("rows_linear_dx", grad, weight, idx, "grad")
+    if in_features != weight.shape[1]:
+        _fail("rows_linear_dx", f"in_features is {in_features} but weight has "
+              f"{weight.shape[1]} input features", "Pass weight.shape[1].")
+
+
+def _check_cols_dx(grad: Tensor, weight: Tensor, idx: Tensor) -> None:
+    _check_weight_idx("cols_linear_dx", grad, weight, idx, "grad")
+    _check_last_dim("cols_linear_dx", grad, "grad", weight.shape[0], "weight's out_features")
+
+
+# --------------------------------------------------------------------------- real kernels
+# Each works on a 2-D view [M, features] and restores the leading dimensions at the end; the
+# gathered weight inside the torch path is a temporary of the forward, never saved.
+
+
+def _flat(t: Tensor) -> Tensor:
+    return t.reshape(-1, t.shape[-1])
+
+
+def _unflat(y2d: Tensor, like: Tensor) -> Tensor:
+    return y2d.view(*like.shape[:-1], y2d.shape[-1])
+
+
+def _rows_values(x2d: Tensor, weight: Tensor, idx: Tensor, bias: Optional[Tensor]) -> Tensor:
+    w_kept = weight.index_select(0, idx)
+    if bias is None:
+        return torch.mm(x2d, w_kept.t())
+    return torch.addmm(bias.index_select(0, idx), x2d, w_kept.t())
+
+
+def _rows_linear_impl(x: Tensor, weight: Tensor, idx: Tensor, bias: Optional[Tensor]) -> Tensor:
+    _check_rows("rows_linear", x, weight, idx, bias)
+    kernels = _kernels_for(x.device, x.dtype)
+    if kernels is not None:
+        return _unflat(kernels.rows_gemm(_flat(x).contiguous(), weight, idx, bias), x)
+    return _unflat(_rows_values(_flat(x), weight, idx, bias), x)
+
+
+def _rows_linear_scatter_impl(
+    x: Tensor, weight: Tensor, idx: Tensor, bias: Optional[Tensor]
+) -> Tensor:
+    _check_rows("rows_linear_scatter", x, weight, idx, bias)
+    kernels = _kernels_for(x.device, x.dtype)
+    x2d = _flat(x)
+    if kernels is not None:
+        return _unflat(kernels.rows_gemm(x2d.contiguous(), weight, idx, bias, scatter=True), x)
+    y2d = x2d.new_zeros(x2d.shape[0], weight.shape[0])
+    y2d.index_copy_(1, idx, _rows_values(x2d, weight, idx, bias))
+    return _unflat(y2d, x)
+
+
+def _cols_linear_impl(x: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
+    _check_cols_kept("cols_linear", x, weight, idx)
+    kernels = _kernels_for(x.device, x.dtype)
+    if kernels is not None:
+        return _unflat(kernels.cols_gemm(_flat(x).contiguous(), weight, idx), x)
+    return _unflat(torch.mm(_flat(x), weight.index_select(1, idx).t()), x)
+
+
+def _cols_linear_gather_impl(x: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
+    _check_cols_full("cols_linear_gather", x, weight, idx)
+    x_kept = _flat(x).index_select(1, idx)
+    kernels = _kernels_for(x.device, x.dtype)
+    if kernels is not None:
+        return _unflat(kernels.cols_gemm(x_kept, weight, idx), x)
+    return _unflat(torch.mm(x_kept, weight.index_select(1, idx).t()), x)
+
+
+def _rows_linear_dx_impl(grad: Tensor, weight: Tensor, idx: Tensor, in_features: int) -> Tensor:
+    _check_rows_dx(grad, weight, idx, in_features)
+    kernels = _kernels_for(grad.device, grad.dtype)
+    if kernels is not None:
+        return _unflat(kernels.rows_gemm_dx(_flat(grad).contiguous(), weight, idx), grad)
+    return _unflat(torch.mm(_flat(grad), weight.index_select(0, idx)), grad)
+
+
+def _cols_linear_dx_impl(grad: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
+    _check_cols_dx(grad, weight, idx)
+    kernels = _kernels_for(grad.device, grad.dtype)
+    if kernels is not None:
+        return _unflat(kernels.cols_gemm_dx(_flat(grad).contiguous(), weight, idx), grad)
+    return _unflat(torch.mm(_flat(grad), weight.index_select(1, idx)), grad)
+
+
+# --------------------------------------------------------------------------- fake kernels
+# Same checks as the real kernels, so a bad call fails at compile time with the same message.
+
+
+def _rows_linear_fake(x: Tensor, weight: Tensor, idx: Tensor, bias: Optional[Tensor]) -> Tensor:
+    _check_rows("rows_linear", x, weight, idx, bias)
+    return x.new_empty((*x.shape[:-1], idx.shape[0]))
+
+
+def _rows_linear_scatter_fake(
+    x: Tensor, weight: Tensor, idx: Tensor, bias: Optional[Tensor]
+) -> Tensor:
+    _check_rows("rows_linear_scatter", x, weight, idx, bias)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _cols_linear_fake(x: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
+    _check_cols_kept("cols_linear", x, weight, idx)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _cols_linear_gather_fake(x: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
+    _check_cols_full("cols_linear_gather", x, weight, idx)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _rows_linear_dx_fake(grad: Tensor, weight: Tensor, idx: Tensor, in_features: int) -> Tensor:
+    _check_rows_dx(grad, weight, idx, in_features)
+    return grad.new_empty((*grad.shape[:-1], in_features))
+
+
+def _cols_linear_dx_fake(grad: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
+    _check_cols_dx(grad, weight, idx)
+    return grad.new_empty((*grad.shape[:-1], idx.shape[0]))
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+def _setup_frozen(op: str) -> Callable[..., None]:
+    """setup_context that refuses a trainable base weight/bias and saves only (weight, idx)."""
+
+    def setup_context(ctx: Any, inputs: Sequence[Any], output: Tensor) -> None:
+        for name, value in zip(("weight", "idx", "bias"), inputs[1:]):
+            if isinstance(value, Tensor) and value.requires_grad:
+                _fail(op, f"{name} requires grad, but these ops treat the base layer as frozen "
+                      "and give a gradient for x only",
+                      "Freeze the base weight and bias (requires_grad_(False), as LoRA does); "
+                      "sparselora-fx never rewrites a layer whose base weight is trainable.")
+        ctx.save_for_backward(inputs[1], inputs[2])
+
+    return setup_context
+
+
+def _rows_linear_backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], None, None, None]:
+    weight, idx = ctx.saved_tensors
+    return rows_linear_dx(grad, weight, idx, weight.shape[1]), None, None, None
+
+
+def _rows_linear_scatter_backward(
+    ctx: Any, grad: Tensor
+) -> tuple[Optional[Tensor], None, None, None]:
+    weight, idx = ctx.saved_tensors
+    grad_kept = grad.index_select(-1, idx)
+    return rows_linear_dx(grad_kept, weight, idx, weight.shape[1]), None, None, None
+
+
+def _cols_linear_backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], None, None]:
+    weight, idx = ctx.saved_tensors
+    return cols_linear_dx(grad, weight, idx), None, None
+
+
+def _cols_linear_gather_backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], None, None]:
+    weight, idx = ctx.saved_tensors
+    dx_kept = cols_linear_dx(grad, weight, idx)
+    # Zeros outside idx; index_add (not copy) keeps the gradient exact even for repeated indices.
+    zeros = dx_kept.new_zeros((*dx_kept.shape[:-1], weight.shape[1]))
+    return zeros.index_add(-1, idx, dx_kept), None, None
+
+
+def _rows_linear_dx_backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], None, None, None]:
+    # rows_linear_dx is linear in its input: its adjoint is rows_linear without bias.
+    weight, idx = ctx.saved_tensors
+    return rows_linear(grad, weight, idx, None), None, None, None
+
+
+def _cols_linear_dx_backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], None, None]:
+    weight, idx = ctx.saved_tensors
+    return cols_linear(grad, weight, idx), None, None
+
+
+# --------------------------------------------------------------------------- FLOP formulas
+# Only the GEMM is counted (2 * M * N * K), as torch counts addmm; gathers are memory traffic.
+
+
+def _leading(shape: Sequence[int]) -> int:
+    return math.prod(shape[:-1])
+
+
+def _flops_rows(x_shape: Sequence[int], weight_shape: Sequence[int], idx_shape: Sequence[int],
+                *args: Any, **kwargs: Any) -> int:
+    return 2 * _leading(x_shape) * idx_shape[0] * weight_shape[1]
+
+
+def _flops_cols(x_shape: Sequence[int], weight_shape: Sequence[int], idx_shape: Sequence[int],
+                *args: Any, **kwargs: Any) -> int:
+    return 2 * _leading(x_shape) * idx_shape[0] * weight_shape[0]
+
+
+# --------------------------------------------------------------------------- registration
+
+
+@dataclass(frozen=True)
+class _Spec:
+    name: str
+    impl: Callable[..., Tensor]
+    fake: Callable[..., Tensor]
+    backward: Callable[..., tuple[Optional[Tensor], ...]]
+    flops: Callable[..., int]
+
+
+_SPECS = (
+    _Spec("rows_linear", _rows_linear_impl, _rows_linear_fake, _rows_linear_backward, _flops_rows),
+    _Spec("rows_linear_scatter", _rows_linear_scatter_impl, _rows_linear_scatter_fake,
+          _rows_linear_scatter_backward, _flops_rows),
+    _Spec("cols_linear", _cols_linear_impl, _cols_linear_fake, _cols_linear_backward, _flops_cols),
+    _Spec("cols_linear_gather", _cols_linear_gather_impl, _cols_linear_gather_fake,
+          _cols_linear_gather_backward, _flops_cols),
+    _Spec("rows_linear_dx", _rows_linear_dx_impl, _rows_linear_dx_fake,
+          _rows_linear_dx_backward, _flops_rows),
+    _Spec("cols_linear_dx", _cols_linear_dx_impl, _cols_linear_dx_fake,
+          _cols_linear_dx_backward, _flops_cols),
+)
+assert tuple(s.name for s in _SPECS) == OPS
+
+
+def _is_registered(name: str) -> bool:
+    return hasattr(getattr(torch.ops, NAMESPACE), name)
+
+
+def _register(spec: _Spec) -> None:
+    """Define one op with its fake kernel, autograd formula and FLOP formula."""
+    opdef = torch.library.custom_op(f"{NAMESPACE}::{spec.name}", spec.impl, mutates_args=())
+    opdef.register_fake(spec.fake)
+    opdef.register_autograd(spec.backward, setup_context=_setup_frozen(spec.name))
+    register_flop_formula(getattr(getattr(torch.ops, NAMESPACE), spec.name))(spec.flops)
+
+
+# Registration lives in the dispatcher, which outlives this module: a reload (or a second copy
+# of the module) finds the ops there and must not define them again.
+for _spec in _SPECS:
+    if not _is_registered(_spec.name):
+        _register(_spec)
+del _spec
+
+_ops = getattr(torch.ops, NAMESPACE)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def rows_linear(x: Tensor, weight: Tensor, idx: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """`x @ weight[idx].T + bias[idx]` -> [..., k]: only the kept output channels are computed.
+
+    Used where the next op consumes the narrow output directly (gate/up/fc1 of an MLP).
+    """
+    return _ops.rows_linear(x, weight, idx, bias)
+
+
+def rows_linear_scatter(
+    x: Tensor, weight: Tensor, idx: Tensor, bias: Optional[Tensor] = None
+) -> Tensor:
+    """Like `rows_linear`, but written at columns `idx` of a zero [..., out] output.
+
+    Used where a full-width tensor is needed (q/k/v: the dense LoRA output is added to it).
+    """
+    return _ops.rows_linear_scatter(x, weight, idx, bias)
+
+
+def cols_linear(x: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
+    """`x @ weight[:, idx].T` -> [..., out], where x holds only the kept input channels.
+
+    Used after a rows_linear (down/fc2): the sparsity of the input is already in its width.
+    A bias, if any, is added by the caller.
+    """
+    return _ops.cols_linear(x, weight, idx)
+
+
+def cols_linear_gather(x: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
+    """`x[..., idx] @ weight[:, idx].T` -> [..., out] from a full-width input.
+
+    Used where the input stays full width (o_proj after attention) but only the kept
+    channels are read; its input gradient is zero outside idx.
+    """
+    return _ops.cols_linear_gather(x, weight, idx)
+
+
+def rows_linear_dx(grad: Tensor, weight: Tensor, idx: Tensor, in_features: int) -> Tensor:
+    """`grad @ weight[idx]` -> [..., in]: input gradient of rows_linear, as its own op.
+
+    An op (not inline torch code) so that backward FLOPs are counted and CUDA runs the same
+    gather-GEMM kernel without materialising `weight[idx]`.
+    """
+    return _ops.rows_linear_dx(grad, weight, idx, in_features)
+
+
+def cols_linear_dx(grad: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
+    """`grad @ weight[:, idx]` -> [..., k]: input gradient of cols_linear, as its own op.
+
+    An op for the same reasons as `rows_linear_dx`.
+    """
+    return _ops.cols_linear_dx(grad, weight, idx)
