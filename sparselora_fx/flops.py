@@ -23,7 +23,7 @@ Conventions (those of ``torch.utils.flop_counter.FlopCounterMode``):
 SparseLoRA model: a fraction ``f_out`` of the ``T = B*S`` tokens (the output tokens) runs
 dense; the other tokens run the frozen GEMMs on kept channels only:
 
-* MLP: ``keep_count(I, s_mlp)`` intermediate channels (``max(1, int(I*(1-s)))`` in float
+* MLP: ``keep_count(I, s_mlp)`` intermediate channels (``max(1, floor(I*(1-s)))``, exact
   arithmetic, the plan's rule); gate/up compute only those rows, down reads only those
   columns; the MLP LoRA factors are sliced the same way (gate/up B rows, down A columns);
 * attention Q/K: ``D*(1-s_qk)`` head-dim channels per head (continuous: the plan rounds per
@@ -173,12 +173,10 @@ def _arg(value: Any, name: str) -> sympy.Expr:
 
 
 class keep_count(sympy.Function):  # noqa: N801 - reads like a sympy function in formulas
-    """Channels kept of ``n`` at sparsity ``s``: ``max(1, int(n * (1.0 - s)))``.
+    """Channels kept of ``n`` at sparsity ``s``: the runtime's ``selection.keep_count``.
 
-    Why a sympy function: the runtime plan computes keep counts in float arithmetic, which
-    differs from exact ``floor`` (``int(100*(1-0.9))`` is 9, not 10; ``int(100*(1-0.01))``
-    is 99, not 98); this stays symbolic until both arguments are numbers, then matches the
-    plan bit for bit. ``s = 0`` keeps everything even for a symbolic ``n``.
+    Why a sympy function: it stays symbolic until both arguments are numbers, then matches the
+    runtime bit for bit. ``s = 0`` keeps everything even for a symbolic ``n``.
     """
 
     is_integer = True
@@ -189,7 +187,9 @@ class keep_count(sympy.Function):  # noqa: N801 - reads like a sympy function in
         if s.is_zero:
             return n
         if n.is_number and s.is_number:
-            return sympy.Integer(max(1, int(int(n) * (1.0 - float(s)))))
+            from .runtime.selection import keep_count as runtime_keep_count
+
+            return sympy.Integer(runtime_keep_count(int(n), float(s)))
         return None
 
 

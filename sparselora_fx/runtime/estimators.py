@@ -1,0 +1,270 @@
+"""Cheap estimates of a frozen linear's output, used only to rank its channels.
+
+Why: SparseLoRA computes a frozen weight on a per-batch subset of channels; which channels is
+decided from an *estimate* of `x W^T + b` that costs far less than the real product. Every
+estimator here takes `x2d [T, in]`, the weight `[out, in]`, the bias and an optional token mask
+`[T]` of 0/1, and returns `[T', out]` whose per-channel L2 norm over rows ranks the channels.
+
+Invariant every caller relies on: rows that do not stand for a real token (padding, or padded
+picks of the sampler) are exactly zero, and every activation the selection code applies maps 0
+to 0, so those rows never contribute to a score.
+
+Kinds:
+- ``svd``: `x P Q + b` with rank-k factors of W^T from `factor_cache.get_factors` (k = 8 by
+  default); falls back to ``token_sample`` with one warning if the factors are unusable.
+- ``token_sample``: the exact `x[s] W^T + b` on `m` tokens sampled among the unmasked ones,
+  deterministic for a seed, with no host sync (usable inside torch.compile, dynamic shapes).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import functools
+import logging
+import warnings
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import OptionsError
+from . import factor_cache
+
+__all__ = [
+    "Estimator",
+    "SvdEstimator",
+    "TokenSampleEstimator",
+    "estimator_kinds",
+    "get_estimator",
+    "register_estimator",
+    "sample_tokens",
+]
+
+log = logging.getLogger("sparselora_fx")
+
+_M31 = (1 << 31) - 1
+
+Linear = tuple[torch.Tensor, "torch.Tensor | None"]
+
+
+def _check_inputs(x2d: torch.Tensor, mask: torch.Tensor | None) -> None:
+    if x2d.dim() != 2:
+        raise OptionsError(
+            f"estimator: expected x2d of shape [tokens, in], got {tuple(x2d.shape)}; "
+            "flatten the leading dims first (x.reshape(-1, x.shape[-1]))."
+        )
+    if mask is not None and (mask.dim() != 1 or mask.shape[0] != x2d.shape[0]):
+        raise OptionsError(
+            f"estimator: token mask of shape {tuple(mask.shape)} does not match x2d "
+            f"{tuple(x2d.shape)}; pass one 0/1 entry per token, flattened like x."
+        )
+
+
+def _row_weight(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """0/1 per row in the compute dtype (None: every row is real)."""
+    if mask is None:
+        return None
+    return (mask != 0).to(dtype)
+
+
+class Estimator(abc.ABC):
+    """One way to estimate `x W^T + b` for channel ranking; subclasses register a `kind`."""
+
+    kind: ClassVar[str]
+
+    @abc.abstractmethod
+    def estimate(
+        self,
+        x2d: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Estimate `[T', out]`; rows that are not real tokens are exactly zero."""
+
+    def estimate_many(
+        self, x2d: torch.Tensor, linears: Sequence[Linear], mask: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """Estimates of several linears of the same input, row-aligned (same tokens per row).
+
+        Row alignment matters for gated MLPs, whose score multiplies gate and up estimates
+        elementwise.
+        """
+        return [self.estimate(x2d, w, b, mask) for w, b in linears]
+
+
+def sample_tokens(
+    num_tokens: int | torch.SymInt,
+    samples: int,
+    seed: int,
+    mask: torch.Tensor | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pick min(samples, T) token rows, unmasked ones first, deterministically for `seed`.
+
+    Why this shape: no host sync and no data-dependent shapes (no .item(), nonzero or boolean
+    indexing), so it traces under torch.compile with a symbolic T. Each token gets a
+    pseudo-random integer key from a hash of (position, seed), unique per position; masked tokens
+    get key -1, so top-m picks real tokens first; when fewer than m real tokens exist, the padded
+    picks come back with validity 0. Returns (picks int64 [m'], validity bool [m'] or None).
+    """
+    m = torch.sym_min(int(samples), num_tokens)
+    pos = torch.arange(num_tokens, device=device, dtype=torch.int64)
+    # Host-side mixing of the seed into a 31-bit offset (seed is a static Python int).
+    s = (int(seed) * 0x9E3779B1 + 0x7F4A7C15) & _M31
+    s ^= s >> 13
+    # Integer hash kept below 2**31 before each multiply, so int64 never overflows.
+    h = (pos + s) & _M31
+    for mult in (0x2C1B3C6D, 0x297A2D39, 0x1B873593):
+        h = h ^ (h >> 15)
+        h = (h * mult) & _M31
+    h = h ^ (h >> 16)
+    keys = h * (1 << 31) + pos  # unique: ties never depend on topk's tie-breaking
+    valid_tok = None
+    if mask is not None:
+        valid_tok = mask != 0
+        keys = torch.where(valid_tok, keys, torch.full_like(keys, -1))
+    picks = torch.topk(keys, m).indices
+    if valid_tok is None:
+        return picks, None
+    return picks, valid_tok.index_select(0, picks)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenSampleEstimator(Estimator):
+    """Exact output on `samples` tokens sampled among the unmasked ones (m = all -> exact)."""
+
+    kind: ClassVar[str] = "token_sample"
+    samples: int = 64
+    seed: int = 0
+
+    def estimate(self, x2d, weight, bias, mask=None):
+        return self.estimate_many(x2d, [(weight, bias)], mask)[0]
+
+    def estimate_many(self, x2d, linears, mask=None):
+        _check_inputs(x2d, mask)
+        picks, valid = sample_tokens(x2d.shape[0], self.samples, self.seed, mask, x2d.device)
+        xs = x2d.index_select(0, picks)
+        outs = []
+        for weight, bias in linears:
+            y = F.linear(xs, weight.to(xs.dtype), None if bias is None else bias.to(xs.dtype))
+            if valid is not None:
+                y = y * valid.to(y.dtype)[:, None]
+            outs.append(y)
+        return outs
+
+
+_FALLBACK_WARNED: set[tuple[tuple[int, ...], str]] = set()
+
+
+@dataclasses.dataclass(frozen=True)
+class SvdEstimator(Estimator):
+    """`x P Q + b` with cached rank-`rank` SVD factors of W^T (full rank -> exact).
+
+    `samples` and `seed` configure the token-sample fallback used when a weight's factors are
+    not finite: that layer is then ranked by sampling, never silently wrong. Runs eagerly (inside
+    the selection ops): while tracing, weights have no values and it samples tokens instead.
+    """
+
+    kind: ClassVar[str] = "svd"
+    rank: int = 8
+    samples: int = 64
+    seed: int = 0
+
+    def _fallback(self, weight: torch.Tensor) -> TokenSampleEstimator:
+        key = (tuple(int(s) for s in weight.shape), str(weight.dtype))
+        if key not in _FALLBACK_WARNED and factor_cache.has_values(weight):
+            _FALLBACK_WARNED.add(key)
+            msg = (
+                f"sparselora_fx: no usable SVD factors for a weight of shape {key[0]} "
+                f"({key[1]}); ranking its channels by token sampling (samples={self.samples}) "
+                "instead. Check the weight for NaN/Inf."
+            )
+            log.warning(msg)
+            warnings.warn(msg, RuntimeWarning, stacklevel=4)
+        return TokenSampleEstimator(samples=self.samples, seed=self.seed)
+
+    def estimate(self, x2d, weight, bias, mask=None):
+        _check_inputs(x2d, mask)
+        factors = factor_cache.get_factors(weight, self.rank)
+        if factors is None:
+            return self._fallback(weight).estimate(x2d, weight, bias, mask)
+        p, q = factors
+        y = (x2d @ p.to(x2d.dtype)) @ q.to(x2d.dtype)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        row = _row_weight(mask, y.dtype)
+        if row is not None:
+            y = y * row[:, None]
+        return y
+
+    def estimate_many(self, x2d, linears, mask=None):
+        # Per weight: each may fall back on its own; SVD rows are always token-aligned, and a
+        # token_sample fallback is row-aligned with any other one (same seed, mask, T).
+        return [self.estimate(x2d, w, b, mask) for w, b in linears]
+
+
+_REGISTRY: dict[str, type[Estimator]] = {}
+
+
+def register_estimator(cls: type[Estimator]) -> type[Estimator]:
+    """Add an estimator class (a frozen dataclass with a `kind`) to the registry."""
+    if not (isinstance(cls, type) and issubclass(cls, Estimator)):
+        raise OptionsError(f"register_estimator: {cls!r} is not an Estimator subclass.")
+    _REGISTRY[cls.kind] = cls
+    return cls
+
+
+register_estimator(SvdEstimator)
+register_estimator(TokenSampleEstimator)
+
+
+def estimator_kinds() -> tuple[str, ...]:
+    """The registered estimator kinds, sorted."""
+    return tuple(sorted(_REGISTRY))
+
+
+def _param_names() -> set[str]:
+    names: set[str] = set()
+    for cls in _REGISTRY.values():
+        names.update(f.name for f in dataclasses.fields(cls))
+    return names
+
+
+@functools.lru_cache(maxsize=256)
+def _build(kind: str, items: tuple[tuple[str, object], ...]) -> Estimator:
+    cls = _REGISTRY[kind]
+    own = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in items if k in own})
+
+
+def get_estimator(kind: str, **params: int) -> Estimator:
+    """The estimator of `kind` configured by `params` (rank, samples, seed).
+
+    Parameters known to some kind but not this one are ignored (the selection ops pass the same
+    knobs to every kind); names no kind knows, non-integers or values < 1 (rank, samples) are
+    errors, as is an unknown kind.
+    """
+    if kind not in _REGISTRY:
+        raise OptionsError(
+            f"unknown estimator {kind!r}; known estimators: {', '.join(estimator_kinds())}. "
+            "Set the estimator option / policy entry to one of these."
+        )
+    unknown = set(params) - _param_names()
+    if unknown:
+        raise OptionsError(
+            f"estimator {kind!r}: unknown parameter(s) {sorted(unknown)}; "
+            f"accepted: {sorted(_param_names())}."
+        )
+    for name, value in params.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise OptionsError(
+                f"estimator {kind!r}: parameter {name}={value!r} must be an int."
+            )
+        if name in ("rank", "samples") and value < 1:
+            raise OptionsError(
+                f"estimator {kind!r}: parameter {name}={value} must be >= 1."
+            )
+    return _build(kind, tuple(sorted(params.items())))

@@ -1,0 +1,438 @@
+"""Low-rank SVD factors of frozen weights, computed once and cached in memory and on disk.
+
+Why a cache of its own: the SVD estimator needs `P [in, k]`, `Q [k, out]` with `x P Q ~ x W^T`
+for every frozen weight. Computing them costs seconds on big weights, so they are built once.
+The cache key must survive FSDP2 (which refills unsharded storage every step, so `data_ptr`
+changes) and DDP (every rank holds its own copy): it is a *value fingerprint* (shape, dtype and a
+hash of a fixed strided sample of values) plus the rank. The fingerprint itself is memoised per
+(owner of the values, view geometry, `_version`) through a weakref, so it is computed on the host
+once per weight version, and an in-place update (which bumps `_version`) never yields stale
+factors.
+
+On disk (directory `SPARSELORA_CACHE_DIR`, default `~/.cache/sparselora_fx`; set
+`SPARSELORA_DISK_CACHE=0` to turn it off) factors live in safetensors files named by the
+fingerprint, written atomically, with metadata recording what they are. Anything that does not
+match exactly is logged, ignored and rebuilt, never trusted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+import warnings
+import weakref
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "CacheStats",
+    "FORMAT_TAG",
+    "cache_dir",
+    "cache_stats",
+    "clear_cache",
+    "compute_factors",
+    "disk_cache_enabled",
+    "effective_rank",
+    "fingerprint",
+    "get_factors",
+    "has_values",
+    "prepare_factors",
+]
+
+log = logging.getLogger("sparselora_fx")
+
+#: Stored in every file's metadata; a file without it is foreign.
+FORMAT_TAG = "sparselora_fx.svd_factors.v1"
+#: Fixed seed of the randomized SVD: the same weight always gets the same factors.
+SVD_SEED = 0x5EED
+#: How many values of a weight the fingerprint hashes (all of them when the weight is smaller).
+FINGERPRINT_SAMPLES = 16384
+#: Weights with at most this many elements get an exact SVD (fast anyway, and exact).
+SMALL_WEIGHT_NUMEL = 1 << 16
+#: Extra columns for the randomized range finder, and its power iterations.
+OVERSAMPLE = 8
+POWER_ITERS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheStats:
+    """What the factor step cost, for `inspect`: time building, memory held, hits and misses."""
+
+    build_seconds: float
+    bytes_in_memory: int
+    entries: int
+    hits: int
+    misses: int
+    disk_hits: int
+    disk_writes: int
+    rejected_files: int
+    unusable: int
+
+
+class _State:
+    """Process-wide cache state; one lock guards it all."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        # (fingerprint, rank, device) -> (P, Q) or None (factors not finite: layer stays dense)
+        self.factors: dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor] | None] = {}
+        # id(values owner) -> (weakref to it, {view geometry: (_version, fingerprint)})
+        self.memo: dict[int, tuple[weakref.ref, dict[tuple, tuple[int, str]]]] = {}
+        self.warned: set[str] = set()
+        self.write_failed: set[str] = set()  # directories already reported unwritable
+        self.build_seconds = 0.0
+        self.hits = 0
+        self.misses = 0
+        self.disk_hits = 0
+        self.disk_writes = 0
+        self.rejected_files = 0
+
+
+_STATE = _State()
+
+
+def cache_dir() -> Path:
+    """Where factor files go; read from the environment on every call so tests can move it."""
+    return Path(os.environ.get("SPARSELORA_CACHE_DIR", "~/.cache/sparselora_fx")).expanduser()
+
+
+def disk_cache_enabled() -> bool:
+    """`SPARSELORA_DISK_CACHE=0` (or false/no/off) keeps factors in memory only."""
+    value = os.environ.get("SPARSELORA_DISK_CACHE", "1").strip().lower()
+    return value not in ("0", "false", "no", "off", "")
+
+
+def effective_rank(weight_shape: tuple[int, ...] | torch.Size, rank: int) -> int:
+    """The rank actually stored: a rank above min(shape) would only add zero columns."""
+    return max(1, min(int(rank), min(int(s) for s in weight_shape)))
+
+
+def has_values(weight: torch.Tensor) -> bool:
+    """False for meta/fake tensors (compile-time tracing, DDPOptimizer pieces): no values yet."""
+    if weight.device.type == "meta" or torch.compiler.is_compiling():
+        return False
+    try:  # private module; the class has been stable across 2.x, but never let it break us
+        from torch._subclasses.fake_tensor import FakeTensor
+    except ImportError:  # pragma: no cover - defensive
+        FakeTensor = ()  # type: ignore[assignment]
+    if isinstance(weight, FakeTensor):
+        return False
+    # Tensor subclasses (functional wrappers, DTensor shards) are not plain values to hash.
+    return type(weight) in (torch.Tensor, torch.nn.Parameter)
+
+
+def _compute_fingerprint(weight: torch.Tensor) -> str:
+    """Hash shape, dtype and a fixed strided sample of the values (copied to the host once).
+
+    The sample is gathered by (row, col) so a transposed view is never copied whole.
+    """
+    w = weight.detach()
+    rows, cols = int(w.shape[0]), int(w.shape[1])
+    n = rows * cols
+    if n > FINGERPRINT_SAMPLES:
+        pos = torch.arange(FINGERPRINT_SAMPLES, device=w.device, dtype=torch.int64)
+        pos = (pos * (n - 1)) // (FINGERPRINT_SAMPLES - 1)  # first and last value included
+        sample = w[pos // cols, pos % cols]
+    else:
+        sample = w.reshape(-1)
+    raw = sample.contiguous().cpu().view(torch.uint8).numpy().tobytes()
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{tuple(w.shape)}|{w.dtype}|{n}|".encode())
+    h.update(raw)
+    dtype_name = str(w.dtype).removeprefix("torch.")
+    shape_name = "x".join(str(int(s)) for s in w.shape)
+    return f"{shape_name}-{dtype_name}-{h.hexdigest()}"
+
+
+def fingerprint(weight: torch.Tensor) -> str:
+    """The value fingerprint of `weight [out, in]`, memoised while the weight lives.
+
+    The memo is keyed by the tensor that owns the values (`weight._base` for a view such as the
+    `W.t()` the graph rewrite makes each step, else the weight) and the view's geometry, and is
+    valid for one `_version` (shared by a view and its base, so in-place updates invalidate it).
+    It is held through a weakref: no weight is kept alive by the cache.
+    """
+    root = weight._base if weight._base is not None else weight
+    key = id(root)
+    geometry = (tuple(weight.shape), tuple(weight.stride()), weight.storage_offset(), weight.dtype)
+    version = weight._version
+    with _STATE.lock:
+        entry = _STATE.memo.get(key)
+        if entry is not None and entry[0]() is root:
+            hit = entry[1].get(geometry)
+            if hit is not None and hit[0] == version:
+                return hit[1]
+    fp = _compute_fingerprint(weight)
+
+    def _forget(ref: weakref.ref, key: int = key) -> None:
+        with _STATE.lock:
+            current = _STATE.memo.get(key)
+            if current is not None and current[0] is ref:
+                del _STATE.memo[key]
+
+    with _STATE.lock:
+        entry = _STATE.memo.get(key)
+        if entry is None or entry[0]() is not root:
+            entry = (weakref.ref(root, _forget), {})
+            _STATE.memo[key] = entry
+        entry[1][geometry] = (version, fp)
+    return fp
+
+
+def _svd_device_seed(device: torch.device) -> None:
+    """Seed only the generator `torch.svd_lowrank` will draw from (inside a fork_rng)."""
+    if device.type == "cpu":
+        torch.random.default_generator.manual_seed(SVD_SEED)
+        return
+    module = torch.get_device_module(device.type)
+    index = device.index if device.index is not None else module.current_device()
+    with module.device(index):
+        module.manual_seed(SVD_SEED)
+
+
+def compute_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-k factors of W^T in float32, returned in the weight's dtype and device.
+
+    W^T = U S V^T; P = U_k sqrt(S_k) [in, k], Q = sqrt(S_k) V_k^T [k, out]. A full SVD when the
+    weight is small or k >= min(shape)/2 (randomized SVD gains nothing there); otherwise
+    `torch.svd_lowrank` under a private, fixed-seed RNG state so the global RNG stream (dropout
+    masks, data order) is exactly what it would have been without us.
+    """
+    out_features, in_features = int(weight.shape[0]), int(weight.shape[1])
+    k = effective_rank(weight.shape, rank)
+    wt = weight.detach().to(torch.float32).t()  # [in, out]
+    if weight.numel() <= SMALL_WEIGHT_NUMEL or 2 * k >= min(out_features, in_features):
+        u, s, vh = torch.linalg.svd(wt, full_matrices=False)
+        u, s, v = u[:, :k], s[:k], vh[:k].t()
+    else:
+        device = weight.device
+        devices = [] if device.type == "cpu" else [device]
+        device_type = "cuda" if device.type == "cpu" else device.type
+        with torch.random.fork_rng(devices=devices, device_type=device_type):
+            _svd_device_seed(device)
+            q = min(k + OVERSAMPLE, min(out_features, in_features))
+            u, s, v = torch.svd_lowrank(wt, q=q, niter=POWER_ITERS)
+        u, s, v = u[:, :k], s[:k], v[:, :k]
+    root = s.clamp_min(0).sqrt()
+    p = (u * root).to(weight.dtype).contiguous()
+    qf = (root[:, None] * v.t()).to(weight.dtype).contiguous()
+    return p, qf
+
+
+def _finite(p: torch.Tensor, q: torch.Tensor) -> bool:
+    return bool(torch.isfinite(p).all()) and bool(torch.isfinite(q).all())
+
+
+def _build_checked(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """compute_factors, or None when the weight or its factors are not finite."""
+    if not bool(torch.isfinite(weight).all()):
+        return None
+    try:
+        p, q = compute_factors(weight, rank)
+    except torch.linalg.LinAlgError as exc:  # SVD did not converge
+        log.warning("sparselora_fx: SVD of a weight of shape %s failed: %s", tuple(weight.shape), exc)
+        return None
+    return (p, q) if _finite(p, q) else None
+
+
+def _file_path(fp: str, k: int) -> Path:
+    return cache_dir() / f"{fp}-r{k}.safetensors"
+
+
+def _metadata(weight: torch.Tensor, fp: str, k: int) -> dict[str, str]:
+    return {
+        "format": FORMAT_TAG,
+        "fingerprint": fp,
+        "rank": str(k),
+        "shape": "x".join(str(int(s)) for s in weight.shape),
+        "dtype": str(weight.dtype),
+    }
+
+
+def _reject(path: Path, why: str) -> None:
+    _STATE.rejected_files += 1
+    log.warning("sparselora_fx: ignoring factor cache file %s (%s); rebuilding it", path, why)
+
+
+def _load_from_disk(
+    weight: torch.Tensor, fp: str, k: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Read and fully validate one file; None (after logging why) for anything suspicious."""
+    path = _file_path(fp, k)
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            expected = _metadata(weight, fp, k)
+            if meta != expected:
+                _reject(path, f"metadata {meta!r} does not match {expected!r}")
+                return None
+            if set(f.keys()) != {"P", "Q"}:
+                _reject(path, f"tensors {sorted(f.keys())} are not ['P', 'Q']")
+                return None
+            p, q = f.get_tensor("P"), f.get_tensor("Q")
+    except Exception as exc:  # truncated or corrupt: safetensors raises its own error types
+        _reject(path, f"unreadable: {type(exc).__name__}: {exc}")
+        return None
+    in_features, out_features = int(weight.shape[1]), int(weight.shape[0])
+    if (
+        tuple(p.shape) != (in_features, k)
+        or tuple(q.shape) != (k, out_features)
+        or p.dtype != weight.dtype
+        or q.dtype != weight.dtype
+    ):
+        _reject(path, f"tensor shapes/dtypes P{tuple(p.shape)} {p.dtype}, Q{tuple(q.shape)} {q.dtype}")
+        return None
+    if not _finite(p, q):
+        _reject(path, "non-finite values")
+        return None
+    return p.to(weight.device), q.to(weight.device)
+
+
+def _save_to_disk(weight: torch.Tensor, fp: str, k: int, p: torch.Tensor, q: torch.Tensor) -> None:
+    """Write tmp file + os.replace, so readers (other ranks too) never see a partial file."""
+    path = _file_path(fp, k)
+    tmp_name = None
+    try:
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tensors = {"P": p.detach().cpu().contiguous(), "Q": q.detach().cpu().contiguous()}
+        save_file(tensors, tmp_name, metadata=_metadata(weight, fp, k))
+        os.replace(tmp_name, path)
+        tmp_name = None
+        _STATE.disk_writes += 1
+    except Exception as exc:  # a read-only or full disk must not stop training
+        level = logging.DEBUG if str(path.parent) in _STATE.write_failed else logging.WARNING
+        _STATE.write_failed.add(str(path.parent))
+        log.log(
+            level,
+            "sparselora_fx: could not write factor cache file %s: %s (factors stay in memory; "
+            "set SPARSELORA_CACHE_DIR to a writable directory or SPARSELORA_DISK_CACHE=0)",
+            path,
+            exc,
+        )
+    finally:
+        if tmp_name is not None:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
+
+
+def _warn_unusable(weight: torch.Tensor, fp: str) -> None:
+    if fp in _STATE.warned:
+        return
+    _STATE.warned.add(fp)
+    msg = (
+        f"sparselora_fx: SVD factors of a frozen weight of shape {tuple(weight.shape)} "
+        f"({weight.dtype}) are not finite (the weight holds NaN/Inf or overflows its dtype); "
+        "this layer keeps its dense path. Check the checkpoint, or exclude the layer in the policy."
+    )
+    log.warning(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def get_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Cached rank-`rank` factors (P [in, k], Q [k, out]) of a frozen `weight [out, in]`.
+
+    Returns None, without raising, for meta/fake weights (compile-time tracing: there are no
+    values yet) and, with one warning naming the shape, when the factors are not finite; the
+    caller then keeps the layer dense or uses another estimator.
+    """
+    if weight.dim() != 2:
+        from ..errors import SparseLoRAError
+
+        raise SparseLoRAError(
+            f"get_factors: expected a 2-D linear weight [out, in], got shape {tuple(weight.shape)}; "
+            "pass the frozen weight of an nn.Linear / F.linear call."
+        )
+    if weight.numel() == 0 or not has_values(weight):
+        return None
+    fp = fingerprint(weight)
+    k = effective_rank(weight.shape, rank)
+    key = (fp, k, str(weight.device))
+    with _STATE.lock:
+        if key in _STATE.factors:
+            _STATE.hits += 1
+            return _STATE.factors[key]
+        _STATE.misses += 1
+        start = time.perf_counter()
+        use_disk = disk_cache_enabled()
+        factors = _load_from_disk(weight, fp, k) if use_disk else None
+        if factors is not None:
+            _STATE.disk_hits += 1
+        else:
+            factors = _build_checked(weight, rank)
+            if factors is not None:
+                if use_disk:
+                    _save_to_disk(weight, fp, k, *factors)
+            else:
+                _warn_unusable(weight, fp)
+        _STATE.build_seconds += time.perf_counter() - start
+        _STATE.factors[key] = factors
+        return factors
+
+
+def prepare_factors(
+    weights: list[tuple[str, torch.Tensor]], rank: int, progress: bool = True
+) -> dict[str, bool]:
+    """Build factors for many weights up front (before the first step), with a progress bar.
+
+    Returns name -> whether usable factors exist (False: non-finite or not materialized).
+    """
+    from tqdm.auto import tqdm
+
+    show = progress and sys.stderr.isatty()
+    result: dict[str, bool] = {}
+    for name, weight in tqdm(weights, desc="sparselora_fx: SVD factors", disable=not show, unit="w"):
+        result[name] = get_factors(weight, rank) is not None
+    return result
+
+
+def cache_stats() -> CacheStats:
+    """Build time (s), bytes held in memory, entry count, hits and misses of the factor cache."""
+    with _STATE.lock:
+        held = 0
+        unusable = 0
+        for value in _STATE.factors.values():
+            if value is None:
+                unusable += 1
+                continue
+            for t in value:
+                held += t.numel() * t.element_size()
+        return CacheStats(
+            build_seconds=_STATE.build_seconds,
+            bytes_in_memory=held,
+            entries=len(_STATE.factors),
+            hits=_STATE.hits,
+            misses=_STATE.misses,
+            disk_hits=_STATE.disk_hits,
+            disk_writes=_STATE.disk_writes,
+            rejected_files=_STATE.rejected_files,
+            unusable=unusable,
+        )
+
+
+def clear_cache() -> None:
+    """Drop every in-memory entry, memo, warning record and counter (tests, or to free memory)."""
+    with _STATE.lock:
+        _STATE.factors.clear()
+        _STATE.memo.clear()
+        _STATE.warned.clear()
+        _STATE.write_failed.clear()
+        _STATE.build_seconds = 0.0
+        _STATE.hits = _STATE.misses = 0
+        _STATE.disk_hits = _STATE.disk_writes = _STATE.rejected_files = 0
