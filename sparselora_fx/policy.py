@@ -29,6 +29,9 @@ from pathlib import Path
 from typing import Any, Union
 
 from .errors import PolicyError
+from .names import BASE_LAYER_SUFFIX as _BASE_LAYER_SUFFIX
+from .names import PEFT_PREFIX as _PEFT_PREFIX
+from .names import normalize_module_name
 
 __all__ = [
     "EstimatorSpec",
@@ -79,39 +82,10 @@ _DEFAULTS_KEYS = (
 )
 _RULE_KEYS = ("match", "layers", "mlp", "attn", "attn_qk", "attn_vo", "dense")
 _ESTIMATOR_KIND_KEYS = ("mlp", "attn", "attn_qk", "attn_vo")
-_PEFT_PREFIX = "base_model.model."
 
 # --------------------------------------------------------------------------------------------
 # Module names
 # --------------------------------------------------------------------------------------------
-
-# Wrapper components that never appear in the name a user sees in the transformers model.
-_WRAPPER_PARTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
-_ADAPTER_SUFFIX = re.compile(
-    r"\.(?:lora_A|lora_B|lora_dropout|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
-    r"(?:\.[^.]+)?$"
-)
-_BASE_LAYER_SUFFIX = ".base_layer"
-
-
-def normalize_module_name(name: str) -> str:
-    """Return the module path a user sees in the underlying transformers model.
-
-    Why: the same layer shows up as `model.layers.3.mlp.gate_proj`,
-    `base_model.model.model.layers.3.mlp.gate_proj.base_layer`, `_orig_mod.model...` or
-    `...gate_proj.lora_A.default` depending on PEFT / torch.compile wrapping; rules are written
-    once against the plain name. Strips `_orig_mod.` (and FSDP / checkpoint wrapper parts)
-    anywhere, a leading `base_model.model.`, PEFT adapter suffixes and a trailing `.base_layer`.
-    """
-    parts = [p for p in name.split(".") if p not in _WRAPPER_PARTS]
-    out = ".".join(parts)
-    while out.startswith(_PEFT_PREFIX):
-        out = out[len(_PEFT_PREFIX) :]
-    out = _ADAPTER_SUFFIX.sub("", out)
-    while out.endswith(_BASE_LAYER_SUFFIX):
-        out = out[: -len(_BASE_LAYER_SUFFIX)]
-    return out
-
 
 def layer_index(name: str) -> int | None:
     """The layer index of a module: its first purely numeric dotted component, or None.
@@ -599,7 +573,8 @@ def _resolve_value(
                 "policy to the model's real depth."
             )
         value = value.at(index, num_layers)
-    return None if value == 0.0 else float(value)
+        return None if value == 0.0 else float(value)  # a ramp's zero end means dense
+    return float(value)  # an explicit 0 runs the sparse machinery keeping every channel
 
 
 # --------------------------------------------------------------------------------------------
@@ -681,12 +656,13 @@ class Policy:
     # ---- queries -----------------------------------------------------------------------------
 
     def resolve(self, name: str, kind: str, *, num_layers: int | None = None) -> float | None:
-        """Sparsity for the group whose first unit is `name`: None (dense) or a float in (0, 1).
+        """Sparsity for the group whose first unit is `name`: None (dense) or a float in [0, 1).
 
         Why: the single question the plan pass asks. `kind` is a group kind (`gated_mlp`,
         `mlp`, `attn_qk`, `attn_vo`). Rules are tried in order; the first that matches the name
         (or one of its dotted parents, in any PEFT / compile spelling) AND sets this kind wins;
-        otherwise the policy default applies. A resolved 0 is reported as None (dense).
+        otherwise the policy default applies. An explicit 0 stays 0.0 (sparse ops keeping every
+        channel: the machinery runs, nothing is dropped); a depth ramp's 0 end means dense.
         """
         key = _kind_key(kind)
         n = num_layers if num_layers is not None else self.num_layers

@@ -139,7 +139,7 @@ def test_first_rule_that_matches_and_sets_the_kind_wins() -> None:
     assert policy.resolve("lm_head", "mlp") == 0.1  # defaults for unmatched modules
 
 
-def test_dense_rule_sets_every_kind_and_zero_is_dense() -> None:
+def test_dense_rule_sets_every_kind_and_zero_keeps_every_channel() -> None:
     policy = Policy.from_dict(
         {
             "defaults": {"mlp": 0.9, "attn": 0.5},
@@ -152,7 +152,7 @@ def test_dense_rule_sets_every_kind_and_zero_is_dense() -> None:
     )
     for kind in KINDS:
         assert policy.resolve(mlp_name(0), kind) is None
-    assert policy.resolve(attn_name(1), "attn_vo") is None
+    assert policy.resolve(attn_name(1), "attn_vo") == 0.0  # sparse machinery, nothing dropped
     assert policy.resolve(attn_name(1), "attn_qk") == 0.5
     assert policy.resolve(mlp_name(1), "mlp") == 0.8
     assert policy.resolve(mlp_name(5), "mlp") == 0.8
