@@ -1,0 +1,67 @@
+"""The one place that touches private torch APIs.
+
+Checked on torch 2.11 (source) and 2.13 (run). Each helper degrades to a safe answer when the
+private name moves, so a torch upgrade costs a fallback (a warning, dense path), not a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+
+log = logging.getLogger("sparselora_fx")
+
+
+def dynamo_source_name(node: torch.fx.Node) -> str | None:
+    """The Dynamo source string of a placeholder (e.g. ``L['self']._modules['fc']._parameters['weight']``).
+
+    ``node._dynamo_source`` is set by Dynamo's output graph on placeholders (2.11-2.13); ``Source.name``
+    is a method in older releases and a cached property in newer ones.
+    """
+    src = getattr(node, "_dynamo_source", None)
+    if src is None:
+        return None
+    name = getattr(src, "name", None)
+    if callable(name):
+        try:
+            name = name()
+        except Exception:  # pragma: no cover - defensive across versions
+            return None
+    return name if isinstance(name, str) else None
+
+
+def backend_registry() -> tuple[dict[str, Any], dict[str, Callable[..., Any]]]:
+    """Dynamo's backend tables (``_BACKENDS`` entry points, ``_COMPILER_FNS`` registered functions)."""
+    from torch._dynamo.backends import registry
+
+    registry._lazy_import()
+    return registry._BACKENDS, registry._COMPILER_FNS
+
+
+def compile_fx() -> Callable[..., Any]:
+    """Inductor's graph compiler (a public-by-use entry: ``torch._inductor.compile_fx.compile_fx``)."""
+    from torch._inductor.compile_fx import compile_fx as _compile_fx
+
+    return _compile_fx
+
+
+def fake_mode_of(example_inputs: list[Any]) -> Any:
+    """The FakeTensorMode Dynamo traced with (None if the inputs carry none)."""
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode(example_inputs)
+
+
+def trace_artifact(name: str, payload: Callable[[], str]) -> None:
+    """Emit a ``TORCH_TRACE`` artifact (for tlparse) when structured tracing is on."""
+    try:
+        from torch._logging import trace_structured
+    except ImportError:  # pragma: no cover
+        return
+    trace_structured(
+        "artifact",
+        metadata_fn=lambda: {"name": f"sparselora_{name}", "encoding": "string"},
+        payload_fn=payload,
+    )

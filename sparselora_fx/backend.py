@@ -1,0 +1,100 @@
+"""The ``sparselora`` torch.compile backend: run the passes on the Dynamo graph, then lower it.
+
+The rewrite happens at torch level, before autograd, so AOTAutograd derives the backward of our
+ops and Inductor keeps its whole pipeline. Registration: the ``torch_dynamo_backends`` entry point
+(pyproject) makes the name known without importing us; importing registers it only when no
+entry point or earlier registration has it (Dynamo asserts on a duplicate name).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch.fx import GraphModule
+
+from . import _compat
+from .dump import Dumper
+from .errors import SparseLoRAError
+from .passes import PassContext, run_pipeline
+from .report import Report, build_report
+from .settings import Settings
+
+log = logging.getLogger("sparselora_fx")
+
+BACKEND_NAME = "sparselora"
+
+#: Reports of the graphs compiled most recently (newest last), for ``explain`` and debugging.
+LAST_REPORTS: list[Report] = []
+_MAX_REPORTS = 64
+
+
+def sparselora_backend(gm: GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None,
+                       mode: str | None = None, **unused: Any) -> Callable[..., Any]:
+    """Dynamo backend: find LoRA units, group, plan, rewrite, then hand over to the inner compiler."""
+    settings = Settings.from_options(options)
+    _, gm = analyse_and_rewrite(gm, example_inputs, settings)
+    return lower(gm, example_inputs, settings, mode)
+
+
+def analyse_and_rewrite(gm: GraphModule, example_inputs: list[Any], settings: Settings,
+                        *, rewrite: bool = True) -> tuple[Report, GraphModule]:
+    """Run the pipeline on ``gm`` in place; a graph we cannot handle stays dense with a warning."""
+    sparse = rewrite and (torch.is_grad_enabled() or settings.sparse_eval)
+    ctx = PassContext(gm, list(example_inputs), settings, sparse_enabled=sparse)
+    dumper = Dumper(settings.dump_dir)
+    try:
+        run_pipeline(ctx, on_pass=dumper)
+    except SparseLoRAError:
+        raise
+    except Exception as err:  # a graph shape we did not foresee: never break the user's run
+        warnings.warn(f"sparselora: this graph runs dense: the passes failed with {type(err).__name__}: {err}. "
+                      "Please report it with SPARSELORA_DUMP_DIR set.", stacklevel=2)
+        log.exception("sparselora passes failed; graph left dense")
+        raise_if_strict(err)
+    report = build_report(ctx)
+    if rewrite and not sparse:
+        report.notes.append("gradients are off: the graph runs dense (options['sparse_eval']=True makes it sparse)")
+    dumper.write_report(report)
+    _compat.trace_artifact("report", report.to_json)
+    LAST_REPORTS.append(report)
+    del LAST_REPORTS[:-_MAX_REPORTS]
+    log.info("sparselora: %s", report.counts())
+    return report, ctx.gm
+
+
+def raise_if_strict(err: Exception) -> None:
+    """Tests set SPARSELORA_STRICT=1 so that a fallback is a failure, not a warning."""
+    import os
+
+    if os.environ.get("SPARSELORA_STRICT") == "1":
+        raise err
+
+
+def lower(gm: GraphModule, example_inputs: list[Any], settings: Settings, mode: str | None = None) -> Callable[..., Any]:
+    """Hand the (rewritten) graph to the inner compiler the settings name."""
+    if settings.inner == "eager":
+        return gm.forward
+    if settings.inner == "aot_eager":
+        from torch._dynamo.backends.registry import lookup_backend
+
+        return lookup_backend("aot_eager")(gm, example_inputs)
+    patches = dict(settings.inductor)
+    if mode is not None and mode != "default":
+        patches = {**torch._inductor.list_mode_options(mode), **patches}
+    return _compat.compile_fx()(gm, example_inputs, config_patches=patches or None)
+
+
+def register() -> None:
+    """Make ``backend="sparselora"`` resolvable when we are imported without being installed."""
+    try:
+        entry_points, compiler_fns = _compat.backend_registry()
+    except Exception:  # pragma: no cover - registry moved: the entry point still works
+        return
+    if BACKEND_NAME in compiler_fns or entry_points.get(BACKEND_NAME) is not None:
+        return  # registered already, or lookup_backend will load the entry point and register it
+    from torch._dynamo import register_backend
+
+    register_backend(compiler_fn=sparselora_backend, name=BACKEND_NAME)

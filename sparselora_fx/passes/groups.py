@@ -1,0 +1,244 @@
+"""Assemble units into groups whose channels can be dropped consistently.
+
+A group is proven from the dataflow, never from module names: the MLP's intermediate must flow
+only through channel-wise ops from the up side to the down side; attention groups (in
+``attention.py``) follow the heads through views, RoPE and the attention op. What cannot be
+proven is not grouped and lands in ``skipped`` with the op and the place that stopped it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Node
+
+from . import graph_ops as ops
+from .units import LoraUnit
+
+log = logging.getLogger("sparselora_fx")
+
+GroupKind = Literal["gated_mlp", "mlp", "attn_qk", "attn_vo"]
+GROUP_KINDS: tuple[str, ...] = ("gated_mlp", "mlp", "attn_qk", "attn_vo")
+ROLES: dict[str, tuple[str, ...]] = {
+    "gated_mlp": ("gate", "up", "down"),
+    "mlp": ("fc1", "fc2"),
+    "attn_qk": ("q", "k"),
+    "attn_vo": ("v", "o"),
+}
+
+
+@dataclass
+class Group:
+    """Units that share one kept-channel set per micro-batch.
+
+    ``units`` are ordered by ``ROLES[kind]``. MLP groups carry the activation and the interior
+    nodes (between the up side and the down side) that narrow with the kept set; attention groups
+    carry the head layout read off the graph.
+    """
+
+    kind: str
+    units: list[LoraUnit]
+    name: str
+    act: str | None = None
+    interior: list[Node] = field(default_factory=list)
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    rope: str = "none"  # "none" | "half" | "interleaved"
+    rotary_dim: int = 0
+    attention_node: Node | None = None
+    mask: Node | None = None  # a [batch, seq] padding mask (1 = real token), when the graph has one
+
+    @property
+    def policy_kind(self) -> str:
+        """The policy key for this group (``mlp`` covers gated and plain MLPs)."""
+        return "mlp" if self.kind in ("gated_mlp", "mlp") else self.kind
+
+    @property
+    def channels(self) -> int:
+        """N, the number of channels the kept set is drawn from."""
+        if self.kind in ("gated_mlp", "mlp"):
+            return self.units[0].out_features
+        if self.kind == "attn_vo":
+            return self.units[0].out_features
+        assert self.head_dim is not None
+        return self.head_dim
+
+    def unit(self, role: str) -> LoraUnit:
+        return self.units[ROLES[self.kind].index(role)]
+
+
+@dataclass
+class Skipped:
+    """Something not grouped (or not rewritten), with the reason a user can act on."""
+
+    name: str
+    reason: str
+    where: str = ""
+
+
+def common_prefix(names: list[str]) -> str:
+    """``model.layers.0.mlp.gate_proj`` + ``...up_proj`` -> ``model.layers.0.mlp``."""
+    split = [n.split("#")[0].split(".") for n in names]
+    out: list[str] = []
+    for parts in zip(*split):
+        if len(set(parts)) != 1:
+            break
+        out.append(parts[0])
+    return ".".join(out) or names[0]
+
+
+def activation_name(node: Node) -> str | None:
+    """The activation a node applies, in the names the selection ops accept."""
+    if node.op == "call_function":
+        if node.target in (F.gelu, torch._C._nn.gelu):
+            approx = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
+            return "gelu_tanh" if approx == "tanh" else "gelu"
+        return ops.ACTIVATIONS.get(node.target)
+    if node.op == "call_method":
+        return ops.ACTIVATION_METHODS.get(node.target)
+    return None
+
+
+class _NotMLP(Exception):
+    def __init__(self, reason: str, where: Node | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.where = where.name if where is not None else ""
+
+
+def _trace_mlp(down: LoraUnit, by_output: dict[Node, LoraUnit]) -> tuple[list[LoraUnit], str, list[Node], Node | None]:
+    """Walk back from the down unit's input to the units that produce it through channel-wise ops."""
+    interior: list[Node] = []
+    sources: list[LoraUnit] = []
+    act_node: Node | None = None
+    gated_mul: Node | None = None
+    act: str | None = None
+
+    def visit(node: object, under_act: bool) -> None:
+        nonlocal act_node, gated_mul, act
+        if not isinstance(node, Node):
+            raise _NotMLP("a constant reaches the down projection's input")
+        if node in by_output:
+            unit = by_output[node]
+            if unit.scope is not down.scope:
+                raise _NotMLP("producer unit is in another graph scope", node)
+            sources.append(unit)
+            unit.role = "gate" if under_act else "up"
+            return
+        if node in interior:
+            raise _NotMLP("the intermediate is reused inside the MLP", node)
+        name = activation_name(node)
+        if name is not None:
+            if act_node is not None:
+                raise _NotMLP("two activations between the projections", node)
+            act_node, act = node, name
+            interior.append(node)
+            visit(node.args[0], True)
+            return
+        if ops.is_dtype_cast(node) or ops.is_dropout(node) or ops.is_call(node, methods=ops.CONTIGUOUS_METHODS):
+            interior.append(node)
+            visit(node.args[0], under_act)
+            return
+        if ops.is_mul(node) and all(isinstance(a, Node) for a in node.args) and gated_mul is None:
+            gated_mul = node
+            interior.append(node)
+            visit(node.args[0], under_act)
+            visit(node.args[1], under_act)
+            return
+        raise _NotMLP(f"op `{node.target}` between the projections is not channel-wise", node)
+
+    visit(down.input, False)
+    if act is None:
+        raise _NotMLP("no activation between the projections")
+    return sources, act, interior, gated_mul
+
+
+def _check_contained(group_nodes: set[Node], down: LoraUnit, sources: list[LoraUnit]) -> None:
+    """Every user of the narrowing nodes must be inside the group, or narrowing changes others' inputs."""
+    allowed = set(group_nodes)
+    allowed.add(down.base.node)
+    for b in down.branches:
+        allowed.update({b.a.node, b.a.input})
+        if b.dropout is not None:
+            allowed.add(b.dropout)
+    cur = down.base.input
+    while isinstance(cur, Node) and cur is not down.input:
+        allowed.add(cur)
+        cur = cur.args[0]
+    for node in list(group_nodes) + [s.output for s in sources]:
+        for user in node.users:
+            if user not in allowed and not _feeds_only(user, allowed):
+                raise _NotMLP(f"the intermediate is also used by `{user.name}` outside the MLP", user)
+
+
+def _feeds_only(node: Node, allowed: set[Node]) -> bool:
+    """A cast/dropout chain on the way into the down unit (PEFT casts x per adapter)."""
+    while (ops.is_dtype_cast(node) or ops.is_dropout(node)) and len(node.users) == 1:
+        node = next(iter(node.users))
+        if node in allowed:
+            return True
+    return node in allowed
+
+
+def find_mlp_groups(units: list[LoraUnit]) -> tuple[list[Group], list[Skipped]]:
+    """Gated (gate, up -> act(gate) * up -> down) and plain (fc1 -> act -> fc2) MLP groups."""
+    by_output = {u.output: u for u in units}
+    groups: list[Group] = []
+    skipped: list[Skipped] = []
+    for down in units:
+        if not _feeds_from_unit(down.input, by_output):
+            continue
+        try:
+            sources, act, interior, gated_mul = _trace_mlp(down, by_output)
+            if len(sources) == 2 and gated_mul is not None:
+                gate = next(u for u in sources if u.role == "gate")
+                up = next(u for u in sources if u.role == "up")
+                if gate is up or gate.out_features != up.out_features:
+                    raise _NotMLP("gate and up widths differ")
+                kind, members = "gated_mlp", [gate, up, down]
+                gate.role, up.role, down.role = "gate", "up", "down"
+            elif len(sources) == 1 and gated_mul is None:
+                kind, members = "mlp", [sources[0], down]
+                sources[0].role, down.role = "fc1", "fc2"
+            else:
+                raise _NotMLP(f"{len(sources)} producer units; expected gate+up or fc1")
+            if members[0].out_features != down.in_features:
+                raise _NotMLP("intermediate width differs from the down projection's input")
+            _check_contained(set(interior), down, sources)
+        except _NotMLP as err:
+            for u in units:
+                if u.role in ("gate", "up", "fc1") and u.output in by_output and u not in _grouped(groups):
+                    u.role = ""
+            skipped.append(Skipped(down.fqn, f"MLP not grouped: {err.reason}", err.where))
+            continue
+        groups.append(Group(kind=kind, units=members, name=common_prefix([u.fqn for u in members]),
+                            act=act, interior=interior))
+    return groups, skipped
+
+
+def _grouped(groups: list[Group]) -> set[int]:
+    return {id(u) for g in groups for u in g.units}
+
+
+def _feeds_from_unit(node: object, by_output: dict[Node, LoraUnit], depth: int = 8) -> bool:
+    """Cheap pre-check: a unit output is reachable backwards through channel-wise ops only."""
+    frontier = [node]
+    for _ in range(depth):
+        nxt: list[object] = []
+        for n in frontier:
+            if not isinstance(n, Node):
+                continue
+            if n in by_output:
+                return True
+            if (activation_name(n) is not None or ops.is_dtype_cast(n) or ops.is_dropout(n)
+                    or ops.is_call(n, methods=ops.CONTIGUOUS_METHODS)):
+                nxt.append(n.args[0])
+            elif ops.is_mul(n) and all(isinstance(a, Node) for a in n.args):
+                nxt.extend(n.args)
+        frontier = nxt
+    return False

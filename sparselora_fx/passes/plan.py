@@ -1,0 +1,81 @@
+"""Policy + groups -> what the rewrite does: per group a sparsity, a static keep count, an estimator.
+
+The rewrite reads only the plan; nothing below this point looks at the policy again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..runtime.selection import keep_count
+from .groups import Group, Skipped
+
+
+@dataclass(frozen=True)
+class EstimatorChoice:
+    kind: str = "svd"
+    rank: int = 8
+    samples: int = 64
+    seed: int = 0
+
+
+@dataclass
+class GroupPlan:
+    """One group's sparse configuration. ``keep`` counts units: channels, or RoPE pairs per head."""
+
+    group: Group
+    sparsity: float
+    keep: int
+    keep_pass: int = 0  # Q/K with partial rotary: pass-through dims kept per head
+    estimator: EstimatorChoice = EstimatorChoice()
+
+    @property
+    def kept_channels(self) -> int:
+        """Channels computed per head (Q/K) or in all (MLP, V/O)."""
+        if self.group.kind == "attn_qk":
+            pair = 2 if self.group.rope != "none" else 1
+            return self.keep * pair + self.keep_pass
+        return self.keep
+
+
+@dataclass
+class Plan:
+    groups: list[GroupPlan]
+    dense: list[Skipped]
+    sparse_enabled: bool = True
+
+    def for_group(self, group: Group) -> GroupPlan | None:
+        return next((p for p in self.groups if p.group is group), None)
+
+
+def qk_units(group: Group) -> tuple[int, int]:
+    """(rotary units per head, pass-through dims per head) for a Q/K group."""
+    assert group.head_dim is not None
+    if group.rope == "none":
+        return group.head_dim, 0
+    return group.rotary_dim // 2, group.head_dim - group.rotary_dim
+
+
+def make_plan(groups: list[Group], policy: Any, estimator_rank: int | None = None,
+              sparse_enabled: bool = True) -> Plan:
+    """Resolve each group's sparsity; dense groups are listed with the reason."""
+    plans: list[GroupPlan] = []
+    dense: list[Skipped] = []
+    policy = policy.for_names([u.fqn for g in groups for u in g.units])  # binds the depth for ramps
+    for group in groups:
+        sparsity = policy.resolve(group.units[0].fqn, group.policy_kind)
+        if sparsity is None:
+            dense.append(Skipped(group.name, f"{group.kind}: dense by policy"))
+            continue
+        est = policy.estimator_for(group.policy_kind)
+        rank = estimator_rank if (estimator_rank and est.kind == "svd") else (est.rank or 8)
+        choice = EstimatorChoice(kind=est.kind, rank=rank, samples=est.samples or 64, seed=est.seed or 0)
+        if group.kind == "attn_qk":
+            rot, passthrough = qk_units(group)
+            keep = keep_count(rot, sparsity)
+            keep_pass = keep_count(passthrough, sparsity) if passthrough else 0
+            plans.append(GroupPlan(group, sparsity, keep, keep_pass, choice))
+        else:
+            plans.append(GroupPlan(group, sparsity, keep_count(group.channels, sparsity), 0, choice))
+    return Plan(plans, dense, sparse_enabled)

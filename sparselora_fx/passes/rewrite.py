@@ -1,0 +1,235 @@
+"""Write the plan into the graph: estimator -> top-k -> gather ops, per group.
+
+Only the frozen base linears change (and, in MLPs, the LoRA rows/columns of dropped channels):
+MLP gate/up (fc1) compute the kept rows, the intermediate narrows to ``[tokens, keep]``, down (fc2)
+reads the kept columns; q/k/v compute the kept channels scattered into their full-width output;
+o reads the kept input channels. New nodes get ``meta["example_value"]`` from fake propagation.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import warnings
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Graph, GraphModule, Node
+
+from .. import _compat
+from .groups import Group, Skipped
+from .plan import GroupPlan, Plan
+from .units import LoraUnit, Scope
+
+log = logging.getLogger("sparselora_fx")
+
+
+class CannotRewrite(Exception):
+    """A group the rewrite cannot handle: it stays dense, with one warning naming it."""
+
+
+def _ops() -> Any:
+    """The custom op namespace, registered by importing the runtime modules."""
+    from ..runtime import ops as _runtime_ops  # noqa: F401  (registers sparselora::*_linear*)
+    from ..runtime import selection as _selection  # noqa: F401  (registers sparselora::select_*)
+
+    return torch.ops.sparselora
+
+
+def _order(graph: Graph) -> dict[Node, int]:
+    return {n: i for i, n in enumerate(graph.nodes)}
+
+
+def _weight_oriented(graph: Graph, unit: LoraUnit) -> Node:
+    """The frozen weight as ``[out, in]`` (a ``t()`` node for weights stored pre-transposed)."""
+    if not unit.base.weight_transposed:
+        return unit.weight
+    return graph.call_method("t", (unit.weight,))
+
+
+def _replace(old: Node, new: Node) -> None:
+    old.replace_all_uses_with(new)
+    old.graph.erase_node(old)
+
+
+def _slice_lora(graph: Graph, unit: LoraUnit, idx: Node, side: str) -> None:
+    """MLP LoRA follows the kept channels: ``B[S]`` on the out side, ``A[:, S]`` on the in side."""
+    for branch in unit.branches:
+        call = branch.b if side == "out" else branch.a
+        with graph.inserting_before(call.node):
+            if side == "out":
+                dim = 1 if call.weight_transposed else 0
+            else:
+                dim = 0 if call.weight_transposed else 1
+            w = graph.call_function(torch.index_select, (call.weight, dim, idx))
+            if call.weight_transposed:
+                new = graph.call_function(torch.matmul, (call.input, w))
+            else:
+                new = graph.call_function(F.linear, (call.input, w))
+        _replace(call.node, new)
+
+
+def _estimator_args(gp: GroupPlan) -> tuple[str, int, int, int]:
+    e = gp.estimator
+    return e.kind, e.rank, e.samples, e.seed
+
+
+def _rewrite_mlp(gp: GroupPlan, mask: Node | None) -> None:
+    group = gp.group
+    ops = _ops()
+    if group.kind == "gated_mlp":
+        first, second, down = group.units
+    else:
+        (first, down), second = group.units, None
+    graph = first.scope.gm.graph
+    up_side = [u for u in (first, second) if u is not None]
+    order = _order(graph)
+    anchor = min((u.base.node for u in up_side), key=order.__getitem__)
+    x = first.base.input
+    if second is not None and second.base.input is not x:
+        raise CannotRewrite("gate and up read different inputs")
+    with graph.inserting_before(anchor):
+        w1 = _weight_oriented(graph, first)
+        w2 = _weight_oriented(graph, second) if second is not None else None
+        idx = graph.call_function(
+            ops.select_mlp.default,
+            (x, w1, first.bias, w2, second.bias if second is not None else None, mask, gp.keep, group.act,
+             *_estimator_args(gp)),
+        )
+    for unit, w in ((first, w1), (second, w2)):
+        if unit is None:
+            continue
+        with graph.inserting_before(unit.base.node):
+            new = graph.call_function(ops.rows_linear.default, (unit.base.input, w, idx, unit.bias))
+        _replace(unit.base.node, new)
+        _slice_lora(graph, unit, idx, "out")
+    with graph.inserting_before(down.base.node):
+        wd = _weight_oriented(graph, down)
+        new = graph.call_function(ops.cols_linear.default, (down.base.input, wd, idx))
+        if down.bias is not None:
+            new = graph.call_function(torch.add, (new, down.bias))
+    _replace(down.base.node, new)
+    _slice_lora(graph, down, idx, "in")
+
+
+def _rewrite_vo(gp: GroupPlan, mask: Node | None) -> None:
+    group = gp.group
+    ops = _ops()
+    v, o = group.units
+    graph = v.scope.gm.graph
+    with graph.inserting_before(v.base.node):
+        wv = _weight_oriented(graph, v)
+        sel = graph.call_function(
+            ops.select_vo.default,
+            (v.base.input, wv, v.bias, mask, gp.keep, group.num_heads, group.num_kv_heads, group.head_dim,
+             *_estimator_args(gp)),
+        )
+        idx_v = graph.call_function(operator.getitem, (sel, 0))
+        idx_o = graph.call_function(operator.getitem, (sel, 1))
+        new_v = graph.call_function(ops.rows_linear_scatter.default, (v.base.input, wv, idx_v, v.bias))
+    _replace(v.base.node, new_v)
+    with graph.inserting_before(o.base.node):
+        wo = _weight_oriented(graph, o)
+        new_o = graph.call_function(ops.cols_linear_gather.default, (o.base.input, wo, idx_o))
+        if o.bias is not None:
+            new_o = graph.call_function(torch.add, (new_o, o.bias))
+    _replace(o.base.node, new_o)
+
+
+def _rewrite_qk(gp: GroupPlan, mask: Node | None) -> None:
+    group = gp.group
+    ops = _ops()
+    q, k = group.units
+    graph = q.scope.gm.graph
+    order = _order(graph)
+    anchor = min(q.base.node, k.base.node, key=order.__getitem__)
+    for x in (q.base.input, k.base.input):
+        if isinstance(x, Node) and order[x] >= order[anchor]:
+            raise CannotRewrite("the key input is computed after the query projection")
+    with graph.inserting_before(anchor):
+        wq = _weight_oriented(graph, q)
+        wk = _weight_oriented(graph, k)
+        sel = graph.call_function(
+            ops.select_qk.default,
+            (q.base.input, wq, q.bias, k.base.input, wk, k.bias, mask, gp.keep, gp.keep_pass, group.num_heads,
+             group.num_kv_heads, group.head_dim, group.rope, group.rotary_dim, *_estimator_args(gp)),
+        )
+        idx_q = graph.call_function(operator.getitem, (sel, 0))
+        idx_k = graph.call_function(operator.getitem, (sel, 1))
+    for unit, w, idx in ((q, wq, idx_q), (k, wk, idx_k)):
+        with graph.inserting_before(unit.base.node):
+            new = graph.call_function(ops.rows_linear_scatter.default, (unit.base.input, w, idx, unit.bias))
+        _replace(unit.base.node, new)
+
+
+REWRITERS: dict[str, Callable[[GroupPlan, Node | None], None]] = {
+    "gated_mlp": _rewrite_mlp,
+    "mlp": _rewrite_mlp,
+    "attn_vo": _rewrite_vo,
+    "attn_qk": _rewrite_qk,
+}
+
+
+def _check(gp: GroupPlan) -> None:
+    """Refuse what the ops cannot express, before anything is changed."""
+    group = gp.group
+    scopes = {id(u.scope) for u in group.units}
+    if len(scopes) != 1:
+        raise CannotRewrite("its units live in different graph scopes")
+    for u in group.units:
+        w = u.weight.meta.get("example_value")
+        if isinstance(w, torch.Tensor) and w.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            raise CannotRewrite(f"{u.fqn} has a {w.dtype} weight (quantized bases stay dense)")
+    if group.kind in ("attn_qk", "attn_vo") and not (group.num_heads and group.num_kv_heads and group.head_dim):
+        raise CannotRewrite("the head layout was not read off the graph")
+
+
+def _scope_mask(plan: Plan) -> dict[int, Node]:
+    masks: dict[int, Node] = {}
+    for gp in plan.groups:
+        if gp.group.mask is not None:
+            masks.setdefault(id(gp.group.units[0].scope), gp.group.mask)
+    return masks
+
+
+def rewrite_graph(gm: GraphModule, plan: Plan, example_inputs: list[Any], skipped: list[Skipped]) -> int:
+    """Rewrite every planned group; return how many were rewritten."""
+    masks = _scope_mask(plan)
+    touched: dict[int, Scope] = {}
+    done = 0
+    for gp in list(plan.groups):
+        group = gp.group
+        try:
+            _check(gp)
+            REWRITERS[group.kind](gp, group.mask or masks.get(id(group.units[0].scope)))
+        except CannotRewrite as err:
+            warnings.warn(f"sparselora: {group.name} ({group.kind}) stays dense: {err}", stacklevel=3)
+            skipped.append(Skipped(group.name, f"{group.kind} not rewritten: {err}"))
+            plan.groups.remove(gp)
+            continue
+        touched[id(group.units[0].scope)] = group.units[0].scope
+        done += 1
+    for scope in touched.values():
+        scope.gm.graph.lint()
+        scope.gm.recompile()
+        refresh_meta(scope.gm)
+    return done
+
+
+def refresh_meta(gm: GraphModule) -> None:
+    """Re-derive every node's ``example_value`` with fake tensors (new nodes and narrowed ones)."""
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    args = [n.meta.get("example_value") for n in placeholders]
+    # The placeholders' own fake mode (the tracing context may hold another one).
+    mode = next((a.fake_mode for a in args if hasattr(a, "fake_mode")), None)
+    if mode is None:
+        log.debug("refresh_meta: no fake mode on the placeholders; meta left as is")
+        return
+    with mode:
+        FakeTensorProp(gm, mode=mode).propagate_dont_convert_inputs(*args)
+    for node in gm.graph.nodes:
+        if "val" in node.meta:
+            node.meta["example_value"] = node.meta["val"]

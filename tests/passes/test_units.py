@@ -1,0 +1,154 @@
+"""The unit matcher: every linear+LoRA spelling, and nothing else."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparselora_fx.models import TINY_ARCHITECTURES, build_tiny_model, tiny_batch
+from sparselora_fx.passes.units import find_lora_units
+from tests.conftest import trace_graphs
+
+
+def _lora_wrapped_names(model: nn.Module) -> set[str]:
+    from sparselora_fx.names import normalize_module_name
+
+    names = set()
+    for name, mod in model.named_modules():
+        lora_a = getattr(mod, "lora_A", None)
+        if isinstance(lora_a, nn.ModuleDict) and len(lora_a) > 0:
+            names.add(normalize_module_name(name))
+    return names
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
+def test_every_peft_lora_linear_is_matched(arch: str) -> None:
+    model = build_tiny_model(arch, lora_dropout=0.05)
+    (gm,) = trace_graphs(model, **tiny_batch(arch))
+    units = find_lora_units(gm)
+    expected = _lora_wrapped_names(model)
+    assert len(units) == len(expected)
+    assert {u.fqn for u in units} == expected
+    for u in units:
+        assert u.branches and u.branches[0].scale == pytest.approx(2.0)
+        assert u.branches[0].dropout is not None
+        assert not u.fqn.startswith("base_model") and ".base_layer" not in u.fqn
+
+
+def test_peft_without_dropout_and_fqn_shape() -> None:
+    model = build_tiny_model("llama", lora_dropout=0.0)
+    (gm,) = trace_graphs(model, **tiny_batch("llama"))
+    units = find_lora_units(gm)
+    assert [u.fqn for u in units[:3]] == [
+        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"]
+    assert all(u.branches[0].dropout is None for u in units)
+    q = units[0]
+    assert (q.in_features, q.out_features, q.lora_rank) == (64, 64, 4)
+
+
+def test_two_active_adapters_on_one_base() -> None:
+    import peft
+
+    model = build_tiny_model("llama", num_layers=1)
+    model.add_adapter("second", peft.LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj"]))
+    model.base_model.set_adapter(["default", "second"])
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
+    (gm,) = trace_graphs(model, **tiny_batch("llama"))
+    units = {u.fqn: u for u in find_lora_units(gm)}
+    assert len(units) == 7
+    q = units["model.layers.0.self_attn.q_proj"]
+    assert len(q.branches) == 2
+    assert sorted(b.scale for b in q.branches) == [1.0, 2.0]
+    assert q.lora_rank == 6
+
+
+class HandLoRA(nn.Module):
+    """Hand-written LoRA in several spellings (not PEFT)."""
+
+    def __init__(self, d_in: int, d_out: int, spelling: str, r: int = 4):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_out, d_in) / d_in**0.5, requires_grad=False)
+        self.A = nn.Parameter(torch.randn(r, d_in) * 0.1)
+        self.B = nn.Parameter(torch.randn(d_out, r) * 0.1)
+        self.spelling = spelling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.spelling
+        if s == "matmul_T":
+            return x @ self.weight.T + 0.5 * ((x @ self.A.t()) @ self.B.T)
+        if s == "torch_matmul":
+            return torch.matmul(x, self.weight.t()) + torch.matmul(torch.matmul(x, self.A.transpose(0, 1)),
+                                                                   self.B.transpose(-1, -2))
+        if s == "linear_iadd":
+            y = F.linear(x, self.weight)
+            y += F.linear(F.linear(x, self.A), self.B) * 2
+            return y
+        if s == "scale_left_cast":
+            base = F.linear(x, self.weight)
+            return base + 3.0 * F.linear(F.linear(x.to(torch.float32), self.A), self.B)
+        if s == "scale_between":
+            return F.linear(x, self.weight) + F.linear(F.linear(x, self.A) * 0.25, self.B)
+        raise AssertionError(s)
+
+
+SPELLINGS = ["matmul_T", "torch_matmul", "linear_iadd", "scale_left_cast", "scale_between"]
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+@pytest.mark.parametrize("dims", [2, 3])
+def test_hand_written_spellings(spelling: str, dims: int) -> None:
+    model = nn.Sequential(HandLoRA(8, 12, spelling), nn.ReLU(), HandLoRA(12, 8, spelling))
+    x = torch.randn(5, 8) if dims == 2 else torch.randn(2, 5, 8)
+    (gm,) = trace_graphs(model, x)
+    units = find_lora_units(gm)
+    assert [u.fqn for u in units] == ["0", "2"]
+    assert [(u.in_features, u.out_features) for u in units] == [(8, 12), (12, 8)]
+    expected_scale = {"matmul_T": 0.5, "torch_matmul": 1.0, "linear_iadd": 2.0, "scale_left_cast": 3.0,
+                      "scale_between": 0.25}[spelling]
+    assert units[0].branches[0].scale == expected_scale
+
+
+class NotLoRA(nn.Module):
+    def __init__(self, case: str):
+        super().__init__()
+        self.case = case
+        self.weight = nn.Parameter(torch.randn(8, 8), requires_grad=(case == "trainable_base"))
+        self.A = nn.Parameter(torch.randn(2, 8))
+        self.B = nn.Parameter(torch.randn(8, 2))
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        if self.case == "trainable_base":
+            return F.linear(x, self.weight) + F.linear(F.linear(x, self.A), self.B)
+        if self.case == "other_input":
+            return F.linear(x, self.weight) + F.linear(F.linear(other, self.A), self.B)
+        if self.case == "merged":
+            return F.linear(x, self.weight)
+        raise AssertionError(self.case)
+
+
+@pytest.mark.parametrize("case", ["trainable_base", "other_input", "merged"])
+def test_not_matched(case: str) -> None:
+    (gm,) = trace_graphs(NotLoRA(case), torch.randn(3, 8), torch.randn(3, 8))
+    assert find_lora_units(gm) == []
+
+
+def test_units_inside_activation_checkpoint_bodies() -> None:
+    from torch.utils.checkpoint import checkpoint
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = HandLoRA(8, 8, "linear_iadd")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return checkpoint(self.fc, x, use_reentrant=False)
+
+    model = nn.Sequential(Block(), Block())
+    (gm,) = trace_graphs(model, torch.randn(4, 8, requires_grad=True))
+    units = find_lora_units(gm)
+    assert len(units) == 2
+    assert all(u.scope.parent is not None for u in units), "units should be found inside the HOP bodies"
+    assert [u.fqn for u in units] == ["0.fc", "1.fc"]
