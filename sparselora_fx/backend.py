@@ -20,6 +20,7 @@ from .dump import Dumper
 from .errors import SparseLoRAError
 from .passes import PassContext, run_pipeline
 from .report import Report, build_report
+from .runtime.schedule import ScheduledGraph, StepSchedule, copy_graph_module, schedule_for
 from .settings import Settings
 
 log = logging.getLogger("sparselora_fx")
@@ -35,8 +36,30 @@ def sparselora_backend(gm: GraphModule, example_inputs: list[Any], options: dict
                        mode: str | None = None, **unused: Any) -> Callable[..., Any]:
     """Dynamo backend: find LoRA units, group, plan, rewrite, then hand over to the inner compiler."""
     settings = Settings.from_options(options)
+    schedule = schedule_for(settings.policy, settings.schedule)
+    if schedule is not None and (torch.is_grad_enabled() or settings.sparse_eval):
+        return lower_scheduled(gm, example_inputs, settings, mode, schedule)
     _, gm = analyse_and_rewrite(gm, example_inputs, settings)
     return lower(gm, example_inputs, settings, mode)
+
+
+def lower_scheduled(gm: GraphModule, example_inputs: list[Any], settings: Settings, mode: str | None,
+                    schedule: StepSchedule) -> ScheduledGraph:
+    """Dense and sparse variants of one graph, each compiled on first need, picked per call by ``schedule``.
+
+    The rewrite (and Inductor's pre-grad passes) mutate their graph in place, so the sparse variant
+    starts from a copy taken now, before either variant is built; the dense one lowers ``gm`` as is.
+    """
+    pristine = copy_graph_module(gm)
+
+    def build_dense(inputs: list[Any]) -> Callable[..., Any]:
+        return lower(gm, inputs, settings, mode)
+
+    def build_sparse(inputs: list[Any]) -> Callable[..., Any]:
+        _, sparse = analyse_and_rewrite(pristine, inputs, settings)
+        return lower(sparse, inputs, settings, mode)
+
+    return ScheduledGraph(schedule, build_dense, build_sparse, example_inputs)
 
 
 def analyse_and_rewrite(gm: GraphModule, example_inputs: list[Any], settings: Settings,

@@ -59,8 +59,10 @@ def build_tiny_model(arch: str = "llama", *, num_layers: int = 2, lora_rank: int
         else:
             model = tf.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
         model = model.to(dtype)
+        # PEFT's "all-linear" skips the LM head; BERT's classifier is trained in full (modules_to_save).
+        extra = {"modules_to_save": ["classifier"]} if arch == "bert" else {}
         lora = peft.LoraConfig(r=lora_rank, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                               target_modules="all-linear", exclude_modules=["classifier", "score"])
+                               target_modules="all-linear", **extra)
         model = peft.get_peft_model(model, lora)
         if init_lora_b:
             for name, p in model.named_parameters():

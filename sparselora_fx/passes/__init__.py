@@ -51,8 +51,9 @@ def pass_group(ctx: PassContext) -> None:
     grouped = {id(u) for g in mlp for u in g.units}
     attn, attn_skipped = find_attention_groups([u for u in ctx.units if id(u) not in grouped])
     ctx.groups = mlp + attn
-    ctx.skipped = skipped + attn_skipped
     grouped = {id(u) for g in ctx.groups for u in g.units}
+    grouped_names = {u.fqn for g in ctx.groups for u in g.units}
+    ctx.skipped = [s for s in skipped + attn_skipped if s.name not in grouped_names]
     named = {s.name for s in ctx.skipped}
     for unit in ctx.units:
         if id(unit) not in grouped and unit.fqn not in named:

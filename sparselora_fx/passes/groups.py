@@ -111,10 +111,15 @@ class _NotMLP(Exception):
         self.where = where.name if where is not None else ""
 
 
-def _trace_mlp(down: LoraUnit, by_output: dict[Node, LoraUnit]) -> tuple[list[LoraUnit], str, list[Node], Node | None]:
-    """Walk back from the down unit's input to the units that produce it through channel-wise ops."""
+def _trace_mlp(down: LoraUnit, by_output: dict[Node, LoraUnit]
+               ) -> tuple[list[tuple[LoraUnit, bool]], str, list[Node], Node | None]:
+    """Walk back from the down unit's input to the units that produce it through channel-wise ops.
+
+    Returns the producer units (each with whether it sits under the activation: the gate), the
+    activation, the interior nodes that narrow, and the gating multiply (None for a plain MLP).
+    """
     interior: list[Node] = []
-    sources: list[LoraUnit] = []
+    sources: list[tuple[LoraUnit, bool]] = []
     act_node: Node | None = None
     gated_mul: Node | None = None
     act: str | None = None
@@ -127,8 +132,7 @@ def _trace_mlp(down: LoraUnit, by_output: dict[Node, LoraUnit]) -> tuple[list[Lo
             unit = by_output[node]
             if unit.scope is not down.scope:
                 raise _NotMLP("producer unit is in another graph scope", node)
-            sources.append(unit)
-            unit.role = "gate" if under_act else "up"
+            sources.append((unit, under_act))
             return
         if node in interior:
             raise _NotMLP("the intermediate is reused inside the MLP", node)
@@ -195,38 +199,36 @@ def find_mlp_groups(units: list[LoraUnit]) -> tuple[list[Group], list[Skipped]]:
             continue
         try:
             sources, act, interior, gated_mul = _trace_mlp(down, by_output)
-            if len(sources) == 2 and gated_mul is not None:
-                gate = next(u for u in sources if u.role == "gate")
-                up = next(u for u in sources if u.role == "up")
+            gates = [u for u, under_act in sources if under_act]
+            ups = [u for u, under_act in sources if not under_act]
+            if len(gates) == 1 and len(ups) == 1 and gated_mul is not None:
+                gate, up = gates[0], ups[0]
                 if gate is up or gate.out_features != up.out_features:
                     raise _NotMLP("gate and up widths differ")
-                kind, members = "gated_mlp", [gate, up, down]
-                gate.role, up.role, down.role = "gate", "up", "down"
-            elif len(sources) == 1 and gated_mul is None:
-                kind, members = "mlp", [sources[0], down]
-                sources[0].role, down.role = "fc1", "fc2"
+                kind, members, roles = "gated_mlp", [gate, up, down], ("gate", "up", "down")
+            elif len(gates) == 1 and not ups and gated_mul is None:
+                kind, members, roles = "mlp", [gates[0], down], ("fc1", "fc2")
             else:
                 raise _NotMLP(f"{len(sources)} producer units; expected gate+up or fc1")
             if members[0].out_features != down.in_features:
                 raise _NotMLP("intermediate width differs from the down projection's input")
-            _check_contained(set(interior), down, sources)
+            _check_contained(set(interior), down, [u for u, _ in sources])
         except _NotMLP as err:
-            for u in units:
-                if u.role in ("gate", "up", "fc1") and u.output in by_output and u not in _grouped(groups):
-                    u.role = ""
             skipped.append(Skipped(down.fqn, f"MLP not grouped: {err.reason}", err.where))
             continue
+        for unit, role in zip(members, roles):
+            unit.role = role
         groups.append(Group(kind=kind, units=members, name=common_prefix([u.fqn for u in members]),
                             act=act, interior=interior))
     return groups, skipped
 
 
-def _grouped(groups: list[Group]) -> set[int]:
-    return {id(u) for g in groups for u in g.units}
+def _feeds_from_unit(node: object, by_output: dict[Node, LoraUnit], depth: int = 4) -> bool:
+    """Cheap pre-check: a unit output is reachable backwards within a few hops (any ops).
 
-
-def _feeds_from_unit(node: object, by_output: dict[Node, LoraUnit], depth: int = 8) -> bool:
-    """Cheap pre-check: a unit output is reachable backwards through channel-wise ops only."""
+    Generous on purpose: a candidate that fails the real trace is reported with the op that
+    stopped it; callers drop that record if the unit is grouped some other way (attention).
+    """
     frontier = [node]
     for _ in range(depth):
         nxt: list[object] = []
@@ -235,10 +237,7 @@ def _feeds_from_unit(node: object, by_output: dict[Node, LoraUnit], depth: int =
                 continue
             if n in by_output:
                 return True
-            if (activation_name(n) is not None or ops.is_dtype_cast(n) or ops.is_dropout(n)
-                    or ops.is_call(n, methods=ops.CONTIGUOUS_METHODS)):
-                nxt.append(n.args[0])
-            elif ops.is_mul(n) and all(isinstance(a, Node) for a in n.args):
-                nxt.extend(n.args)
+            if n.op in ("call_function", "call_method"):
+                nxt.extend(a for a in n.args if isinstance(a, Node))
         frontier = nxt
     return False

@@ -171,7 +171,29 @@ REWRITERS: dict[str, Callable[[GroupPlan, Node | None], None]] = {
 }
 
 
-def _check(gp: GroupPlan) -> None:
+def _real_weights(gm: GraphModule, example_inputs: list[Any]) -> dict[Node, torch.Tensor]:
+    """Top-level placeholders whose example input is a real tensor with values (parameters under
+    inlined nn modules); fake or meta inputs (DDP pieces, export) are left out."""
+    from torch._subclasses.fake_tensor import FakeTensor  # stable across 2.x
+
+    def real(v: Any) -> bool:  # factor_cache.has_values says False while compiling, by design
+        return type(v) in (torch.Tensor, torch.nn.Parameter) and not isinstance(v, FakeTensor) \
+            and v.device.type != "meta"
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return {n: v for n, v in zip(placeholders, example_inputs) if real(v)}
+
+
+def _check_finite(gp: GroupPlan, real: dict[Node, torch.Tensor]) -> None:
+    """A frozen weight holding NaN/Inf has no usable estimator factors: its group stays dense."""
+    for u in gp.group.units:
+        w = real.get(u.weight)
+        if w is not None and w.is_floating_point() and not bool(torch.isfinite(w).all()):
+            raise CannotRewrite(f"the frozen weight of {u.fqn} holds NaN/Inf, so its estimator factors "
+                                "would not be finite; fix or re-initialise that weight")
+
+
+def _check(gp: GroupPlan, real: dict[Node, torch.Tensor] | None = None) -> None:
     """Refuse what the ops cannot express, before anything is changed."""
     group = gp.group
     scopes = {id(u.scope) for u in group.units}
@@ -183,6 +205,8 @@ def _check(gp: GroupPlan) -> None:
             raise CannotRewrite(f"{u.fqn} has a {w.dtype} weight (quantized bases stay dense)")
     if group.kind in ("attn_qk", "attn_vo") and not (group.num_heads and group.num_kv_heads and group.head_dim):
         raise CannotRewrite("the head layout was not read off the graph")
+    if real:
+        _check_finite(gp, real)
 
 
 def _scope_mask(plan: Plan) -> dict[int, Node]:
@@ -196,12 +220,13 @@ def _scope_mask(plan: Plan) -> dict[int, Node]:
 def rewrite_graph(gm: GraphModule, plan: Plan, example_inputs: list[Any], skipped: list[Skipped]) -> int:
     """Rewrite every planned group; return how many were rewritten."""
     masks = _scope_mask(plan)
+    real = _real_weights(gm, example_inputs)
     touched: dict[int, Scope] = {}
     done = 0
     for gp in list(plan.groups):
         group = gp.group
         try:
-            _check(gp)
+            _check(gp, real)
             REWRITERS[group.kind](gp, group.mask or masks.get(id(group.units[0].scope)))
         except CannotRewrite as err:
             warnings.warn(f"sparselora: {group.name} ({group.kind}) stays dense: {err}", stacklevel=3)
