@@ -18,13 +18,14 @@ INNER_COMPILERS = ("inductor", "aot_eager", "eager")
 
 OPTION_DOCS: dict[str, str] = {
     "policy": "a sparselora_fx.Policy, a policy file path (.toml/.json) or a preset name",
-    "sparsity": "a float in [0, 1): the same sparsity for every group from the first step (overrides the policy's sparsities)",
+    "sparsity": "a float in [0, 1): alone, every group sparse from the first step with no warm-up; with a policy, it overrides the policy's sparsities only",
     "inner": f"the compiler that lowers the rewritten graph: one of {', '.join(INNER_COMPILERS)}",
     "inductor": "a dict of Inductor config patches (e.g. {'max_autotune': True})",
     "dump_dir": "a folder to write each graph before/after each pass and the report (or env SPARSELORA_DUMP_DIR)",
     "estimator_rank": "override the SVD estimator's rank for every group kind",
     "sparse_eval": "also run sparse when gradients are off (eval, no_grad); default False: dense",
     "progress": "show progress bars while estimator factors are built (default True)",
+    "schedule": "a sparselora_fx.runtime.schedule.StepSchedule: dense warm-up steps, then sparse, with no recompile (required when the policy has a warm-up)",
 }
 
 
@@ -39,6 +40,7 @@ class Settings:
     estimator_rank: int | None = None
     sparse_eval: bool = False
     progress: bool = True
+    schedule: Any = None
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> "Settings":
@@ -67,9 +69,13 @@ class Settings:
             raise OptionsError(f"options['inductor'] patches Inductor, but options['inner'] is {inner!r}; "
                                "drop one of them")
 
-        policy = Policy.coerce(options.get("policy"))
-        if "sparsity" in options:
-            policy = policy.with_sparsity(_sparsity(options["sparsity"]))
+        if "sparsity" in options and options.get("policy") is None:
+            # the shortcut alone: every group sparse from the first step, all tokens, no warm-up
+            policy = Policy(source="options['sparsity']").with_sparsity(_sparsity(options["sparsity"]))
+        else:
+            policy = Policy.coerce(options.get("policy"))
+            if "sparsity" in options:  # with a policy: override its sparsities only
+                policy = policy.with_sparsity(_sparsity(options["sparsity"]))
 
         rank = options.get("estimator_rank")
         if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
@@ -79,7 +85,8 @@ class Settings:
         return cls(policy=policy, inner=inner, inductor=dict(inductor),
                    dump_dir=Path(dump) if dump else None, estimator_rank=rank,
                    sparse_eval=bool(options.get("sparse_eval", False)),
-                   progress=bool(options.get("progress", True)))
+                   progress=bool(options.get("progress", True)),
+                   schedule=options.get("schedule"))
 
     def replace(self, **changes: Any) -> "Settings":
         return replace(self, **changes)

@@ -71,6 +71,18 @@ def is_scalar(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def is_scalar_like(value: Any) -> bool:
+    """A Python number, or a graph scalar (``.item()`` under ``dynamic=True``, a 0-d tensor)."""
+    if is_scalar(value):
+        return True
+    if not isinstance(value, Node):
+        return False
+    val = example_value(value)
+    if isinstance(val, torch.Tensor):
+        return val.dim() == 0
+    return isinstance(val, (torch.SymFloat, torch.SymInt, float, int)) and not isinstance(val, bool)
+
+
 def is_dtype_cast(node: Any) -> bool:
     """A ``.to(dtype)``-style cast that keeps shape and device (so channels map one to one)."""
     if not is_call(node, methods=CAST_METHODS):

@@ -45,7 +45,7 @@ class LoraBranch:
 
     a: ops.LinearCall
     b: ops.LinearCall
-    scale: float
+    scale: float | None  # None when the scale is a graph value (a float input under dynamic=True)
     scale_node: Node | None
     dropout: Node | None
     output: Node  # the node summed into the base output
@@ -144,17 +144,22 @@ def _linear_features(call: ops.LinearCall) -> tuple[int, int]:
     return int(in_f), int(out_f)
 
 
+def _scale_value(value: object) -> float | None:
+    return float(value) if ops.is_scalar(value) else None
+
+
 def _match_branch(scope: Scope, node: object, x: Node) -> LoraBranch | None:
     """``node`` as ``scale * B(A(dropout(x)))`` on the same input ``x`` (scale on either side or absent)."""
     if not isinstance(node, Node):
         return None
-    scale, scale_node, inner = 1.0, None, node
+    scale: float | None = 1.0
+    scale_node, inner = None, node
     if ops.is_mul(node):
         lhs, rhs = node.args
-        if ops.is_scalar(lhs) and isinstance(rhs, Node):
-            scale, scale_node, inner = float(lhs), node, rhs
-        elif ops.is_scalar(rhs) and isinstance(lhs, Node):
-            scale, scale_node, inner = float(rhs), node, lhs
+        if ops.is_scalar_like(lhs) and not ops.is_scalar_like(rhs) and isinstance(rhs, Node):
+            scale, scale_node, inner = _scale_value(lhs), node, rhs
+        elif ops.is_scalar_like(rhs) and not ops.is_scalar_like(lhs) and isinstance(lhs, Node):
+            scale, scale_node, inner = _scale_value(rhs), node, lhs
         else:
             return None
     b = ops.as_linear(ops.strip_passthrough(inner))
@@ -163,10 +168,10 @@ def _match_branch(scope: Scope, node: object, x: Node) -> LoraBranch | None:
     a_out = b.input
     if ops.is_mul(a_out) and scale_node is None:  # scale between A and B
         lhs, rhs = a_out.args
-        if ops.is_scalar(rhs) and isinstance(lhs, Node):
-            scale, scale_node, a_out = float(rhs), a_out, lhs
-        elif ops.is_scalar(lhs) and isinstance(rhs, Node):
-            scale, scale_node, a_out = float(lhs), a_out, rhs
+        if ops.is_scalar_like(rhs) and isinstance(lhs, Node) and not ops.is_scalar_like(lhs):
+            scale, scale_node, a_out = _scale_value(rhs), a_out, lhs
+        elif ops.is_scalar_like(lhs) and isinstance(rhs, Node) and not ops.is_scalar_like(rhs):
+            scale, scale_node, a_out = _scale_value(lhs), a_out, rhs
     a = ops.as_linear(ops.strip_passthrough(a_out))
     if a is None or a.bias is not None or not _is_weight(scope, a.weight, trainable=True):
         return None
