@@ -9,6 +9,7 @@ import pytest
 import torch
 
 os.environ.setdefault("SPARSELORA_STRICT", "1")
+torch.set_num_threads(1)  # tiny models: one thread is faster and immune to a busy neighbour
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
 
