@@ -58,6 +58,17 @@ def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
+#: Debug hook for tests: when set to a list, every selection op run for real appends
+#: ``(op_name, output)`` (the kept indices, detached). None (the default) records nothing.
+_DEBUG_RECORD: list | None = None
+
+
+def _record(op: str, out):
+    if _DEBUG_RECORD is not None:
+        _DEBUG_RECORD.append((op, tuple(t.detach().clone() for t in out) if isinstance(out, tuple) else out.detach().clone()))
+    return out
+
+
 #: Activations by the names the graph analysis reports; each maps 0 to 0 (padding stays zero).
 ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "silu": F.silu,
@@ -368,7 +379,7 @@ def select_mlp(
     est = _estimator(estimator, rank, samples, seed)
     with torch.no_grad():
         scores = mlp_scores(x.detach(), w1, b1, w2, b2, mask, act, est)
-        return topk_sorted(scores, keep)
+        return _record("select_mlp", topk_sorted(scores, keep))
 
 
 @select_mlp.register_fake
@@ -398,7 +409,7 @@ def select_vo(
     est = _estimator(estimator, rank, samples, seed)
     with torch.no_grad():
         idx_v = topk_sorted(vo_scores(x.detach(), w_v, b_v, mask, est), keep)
-        return idx_v, kv_to_q_channels(idx_v, num_heads, num_kv_heads, head_dim)
+        return _record("select_vo", (idx_v, kv_to_q_channels(idx_v, num_heads, num_kv_heads, head_dim)))
 
 
 @select_vo.register_fake
@@ -445,7 +456,7 @@ def select_qk(
             k_hat = est.estimate(xk2d, w_k, b_k, mk)
         scores = qk_dim_scores(_norms(q_hat), _norms(k_hat), num_heads, num_kv_heads, head_dim)
         dims = select_head_dims(scores, keep_rot, keep_pass, rope, rotary_dim)
-        return qk_channel_indices(dims, num_heads, num_kv_heads, head_dim)
+        return _record("select_qk", qk_channel_indices(dims, num_heads, num_kv_heads, head_dim))
 
 
 @select_qk.register_fake
