@@ -66,6 +66,8 @@ _ESTIMATOR_PARAMS: dict[str, tuple[str, ...]] = {
 DEFAULT_SVD_RANK = 8
 DEFAULT_TOKEN_SAMPLES = 64
 DEFAULT_TOKEN_SEED = 0
+#: tokens = "output_dense": the dense-token budget per micro-batch (a fraction of its tokens).
+DEFAULT_DENSE_TOKENS = 0.25
 
 _TOP_KEYS = ("description", "defaults", "rules")
 _DEFAULTS_KEYS = (
@@ -78,6 +80,7 @@ _DEFAULTS_KEYS = (
     "warmup_fraction",
     "total_steps",
     "tokens",
+    "dense_tokens",
     "num_layers",
 )
 _RULE_KEYS = ("match", "layers", "mlp", "attn", "attn_qk", "attn_vo", "dense")
@@ -533,6 +536,19 @@ def _parse_estimators(value: Any, where: str) -> tuple[tuple[str, EstimatorSpec]
     return tuple((k, specs[k]) for k in POLICY_KINDS)
 
 
+def _check_dense_tokens(value: Any, where: str) -> float | int:
+    """The output_dense token budget: a float in (0, 1] (fraction of the micro-batch's tokens) or
+    an int >= 1 (a fixed count, capped at the micro-batch's tokens)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _err(where, f"dense_tokens must be a fraction in (0, 1] or a token count >= 1, got {value!r}.")
+    if isinstance(value, float) and not 0.0 < value <= 1.0:
+        raise _err(where, f"dense_tokens = {value!r} is outside (0, 1]: as a float it is the fraction of "
+                          "each micro-batch's tokens computed dense; write an integer for a fixed count.")
+    if isinstance(value, int) and value < 1:
+        raise _err(where, f"dense_tokens = {value!r}: a fixed dense-token count must be >= 1.")
+    return value
+
+
 def _check_int(value: Any, where: str, key: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise _err(where, f"{key} must be an integer >= {minimum}, got {value!r}.")
@@ -616,6 +632,7 @@ class Policy:
     warmup_fraction: float | None = None
     total_steps: int | None = None
     tokens: str = "all_sparse"
+    dense_tokens: float | int = DEFAULT_DENSE_TOKENS
     num_layers: int | None = None
     description: str = ""
     source: str = field(default="<code>", compare=False)
@@ -661,6 +678,7 @@ class Policy:
                 f"tokens = {self.tokens!r} is not a token mode; valid: {', '.join(TOKEN_MODES)} "
                 "(output_dense: tokens whose logits enter the loss stay dense).",
             )
+        object.__setattr__(self, "dense_tokens", _check_dense_tokens(self.dense_tokens, where))
         if not isinstance(self.description, str):
             raise _err(where, f"description must be a string, got {self.description!r}.")
 
@@ -869,6 +887,7 @@ class Policy:
             warmup_fraction=defaults.get("warmup_fraction"),
             total_steps=defaults.get("total_steps"),
             tokens=defaults.get("tokens", "all_sparse"),
+            dense_tokens=_check_dense_tokens(defaults.get("dense_tokens", DEFAULT_DENSE_TOKENS), where),
             num_layers=defaults.get("num_layers"),
             description=data.get("description", ""),
             source=source,
@@ -972,6 +991,8 @@ class Policy:
         """The TOML-shaped mapping; `Policy.from_dict(p.to_dict()) == p`."""
         defaults: dict[str, Any] = _kinds_to_dict(self.mlp, self.attn_qk, self.attn_vo)
         defaults["tokens"] = self.tokens
+        if self.dense_tokens != DEFAULT_DENSE_TOKENS:
+            defaults["dense_tokens"] = self.dense_tokens
         if self.warmup_fraction is not None:
             defaults["warmup_fraction"] = self.warmup_fraction
         else:

@@ -35,3 +35,24 @@ def trace_graphs(model, *args, **kwargs):
 
     torch.compile(model, backend=capture)(*args, **kwargs)
     return graphs
+
+
+def opt_layerdrop_breaks_graph() -> bool:
+    """transformers < ~5.2x compares ``torch.rand([]) < layerdrop`` in OPT's training forward even
+    at layerdrop 0: a data-dependent branch, so Dynamo splits the graph per layer (upstream code,
+    not ours). Newer releases guard it with ``layerdrop > 0``."""
+    import inspect
+
+    from transformers.models.opt import modeling_opt
+
+    return "self.layerdrop > 0" not in inspect.getsource(modeling_opt.OPTDecoder.forward)
+
+
+def analysis_model(arch: str, **kwargs):
+    """A tiny model for Dynamo-only analysis tests: in eval mode where upstream code would break the graph."""
+    from sparselora_fx.models import build_tiny_model
+
+    model = build_tiny_model(arch, **kwargs)
+    if arch == "opt" and opt_layerdrop_breaks_graph():
+        model.eval()
+    return model

@@ -41,9 +41,14 @@ class GroupPlan:
 
 @dataclass
 class Plan:
+    """What the rewrite does. ``tokens`` / ``dense_tokens`` are the policy's token mode and
+    dense-token budget (``"output_dense"``: tokens whose logits enter the loss run dense)."""
+
     groups: list[GroupPlan]
     dense: list[Skipped]
     sparse_enabled: bool = True
+    tokens: str = "all_sparse"
+    dense_tokens: float | int = 0.25
 
     def for_group(self, group: Group) -> GroupPlan | None:
         return next((p for p in self.groups if p.group is group), None)
@@ -78,4 +83,5 @@ def make_plan(groups: list[Group], policy: Any, estimator_rank: int | None = Non
             plans.append(GroupPlan(group, sparsity, keep, keep_pass, choice))
         else:
             plans.append(GroupPlan(group, sparsity, keep_count(group.channels, sparsity), 0, choice))
-    return Plan(plans, dense, sparse_enabled)
+    return Plan(plans, dense, sparse_enabled, tokens=getattr(policy, "tokens", "all_sparse"),
+                dense_tokens=getattr(policy, "dense_tokens", 0.25))

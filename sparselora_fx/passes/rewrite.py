@@ -4,6 +4,11 @@ Only the frozen base linears change (and, in MLPs, the LoRA rows/columns of drop
 MLP gate/up (fc1) compute the kept rows, the intermediate narrows to ``[tokens, keep]``, down (fc2)
 reads the kept columns; q/k/v compute the kept channels scattered into their full-width output;
 o reads the kept input channels. New nodes get ``meta["example_value"]`` from fake propagation.
+
+With ``tokens = "output_dense"`` (see ``tokens.py``) each group also splits its tokens: the dense
+ones (output tokens first) run the original ops, the rest the sparse ones, and both are written
+back by index. An MLP group runs twice (its whole sub-graph on each token set, since the
+intermediate differs in width); attention splits each frozen projection, its LoRA stays as is.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from torch.fx import Graph, GraphModule, Node
 from .. import _compat
 from .groups import Group, Skipped
 from .plan import GroupPlan, Plan
+from .tokens import Budget, TokenSplit, drop_markers, find_output_tokens, insert_token_split, merge_rows, take_rows
 from .units import LoraUnit, Scope
 
 log = logging.getLogger("sparselora_fx")
@@ -70,12 +76,78 @@ def _slice_lora(graph: Graph, unit: LoraUnit, idx: Node, side: str) -> None:
         _replace(call.node, new)
 
 
+def _compute_input(unit: LoraUnit) -> Any:
+    """What the base linear reads now (a token split rewires it from ``unit.base.input``)."""
+    return unit.base.node.args[0]
+
+
+def _split_linear(graph: Graph, split: TokenSplit, x: Any, dense: Callable[[Node], Node],
+                  sparse: Callable[[Node], Node]) -> Node:
+    """``dense`` on the dense tokens' rows of ``x``, ``sparse`` on the rest, merged back by index."""
+    rows_d = graph.call_function(take_rows, (x, split.dense_idx))
+    rows_s = graph.call_function(take_rows, (x, split.sparse_idx))
+    return graph.call_function(merge_rows, (x, split.dense_idx, dense(rows_d), split.sparse_idx, sparse(rows_s)))
+
+
+def _region(x: Node, out: Node, order: dict[Node, int]) -> list[Node]:
+    """The nodes that read ``x`` (directly or not) and feed ``out``, in graph order."""
+    down: set[Node] = set()
+    stack = list(x.users)
+    while stack:
+        n = stack.pop()
+        if n in down or order[n] > order[out]:
+            continue
+        down.add(n)
+        stack.extend(n.users)
+    up: set[Node] = set()
+    stack = [out]
+    while stack:
+        n = stack.pop()
+        if n in up or n not in down:
+            continue
+        up.add(n)
+        stack.extend(n.all_input_nodes)
+    return sorted(up, key=order.__getitem__)
+
+
+def _split_mlp_tokens(group: Group, split: TokenSplit) -> None:
+    """Copy the MLP's sub-graph for the dense tokens; point the original at the sparse tokens.
+
+    The original nodes (which the units describe) are then rewritten sparse as in all_sparse mode.
+    """
+    first, down = group.units[0], group.units[-1]
+    graph = first.scope.gm.graph
+    x, out = first.base.input, down.output
+    order = _order(graph)
+    if not isinstance(x, Node) or not split.covers(x):
+        raise CannotRewrite("its input's tokens are not the output-token mask's tokens")
+    region = _region(x, out, order)
+    inside = set(region)
+    for n in region:
+        if n is not out and any(u not in inside for u in n.users):
+            raise CannotRewrite(f"`{n.name}` inside the MLP is also used outside it, so its tokens cannot be split")
+    with graph.inserting_before(region[0]):
+        rows_s = graph.call_function(take_rows, (x, split.sparse_idx))
+    # The copy goes just before ``out``: values the region reads from outside it (a LoRA scale's
+    # ``.item()`` under dynamic shapes) may be defined between its nodes.
+    with graph.inserting_before(out):
+        rows_d = graph.call_function(take_rows, (x, split.dense_idx))
+        env: dict[Node, Node] = {x: rows_d}
+        for n in region:
+            env[n] = graph.node_copy(n, lambda a: env.get(a, a))
+    for n in region:
+        n.replace_input_with(x, rows_s)
+    with graph.inserting_after(out):
+        merged = graph.call_function(merge_rows, (x, split.dense_idx, env[out], split.sparse_idx, out))
+    out.replace_all_uses_with(merged, delete_user_cb=lambda user: user is not merged)
+
+
 def _estimator_args(gp: GroupPlan) -> tuple[str, int, int, int]:
     e = gp.estimator
     return e.kind, e.rank, e.samples, e.seed
 
 
-def _rewrite_mlp(gp: GroupPlan, mask: Node | None) -> None:
+def _rewrite_mlp(gp: GroupPlan, mask: Node | None, split: TokenSplit | None = None) -> None:
     group = gp.group
     ops = _ops()
     if group.kind == "gated_mlp":
@@ -89,6 +161,8 @@ def _rewrite_mlp(gp: GroupPlan, mask: Node | None) -> None:
     x = first.base.input
     if second is not None and second.base.input is not x:
         raise CannotRewrite("gate and up read different inputs")
+    if split is not None:
+        _split_mlp_tokens(group, split)
     with graph.inserting_before(anchor):
         w1 = _weight_oriented(graph, first)
         w2 = _weight_oriented(graph, second) if second is not None else None
@@ -101,7 +175,7 @@ def _rewrite_mlp(gp: GroupPlan, mask: Node | None) -> None:
         if unit is None:
             continue
         with graph.inserting_before(unit.base.node):
-            new = graph.call_function(ops.rows_linear.default, (unit.base.input, w, idx, unit.bias))
+            new = graph.call_function(ops.rows_linear.default, (_compute_input(unit), w, idx, unit.bias))
         _replace(unit.base.node, new)
         _slice_lora(graph, unit, idx, "out")
     with graph.inserting_before(down.base.node):
@@ -113,11 +187,12 @@ def _rewrite_mlp(gp: GroupPlan, mask: Node | None) -> None:
     _slice_lora(graph, down, idx, "in")
 
 
-def _rewrite_vo(gp: GroupPlan, mask: Node | None) -> None:
+def _rewrite_vo(gp: GroupPlan, mask: Node | None, split: TokenSplit | None = None) -> None:
     group = gp.group
     ops = _ops()
     v, o = group.units
     graph = v.scope.gm.graph
+    _check_covers(split, v.base.input, o.base.input)
     with graph.inserting_before(v.base.node):
         wv = _weight_oriented(graph, v)
         sel = graph.call_function(
@@ -127,43 +202,69 @@ def _rewrite_vo(gp: GroupPlan, mask: Node | None) -> None:
         )
         idx_v = graph.call_function(operator.getitem, (sel, 0))
         idx_o = graph.call_function(operator.getitem, (sel, 1))
-        new_v = graph.call_function(ops.rows_linear_scatter.default, (v.base.input, wv, idx_v, v.bias))
+        if split is None:
+            new_v = graph.call_function(ops.rows_linear_scatter.default, (v.base.input, wv, idx_v, v.bias))
+        else:
+            new_v = _split_linear(
+                graph, split, v.base.input, lambda r: graph.call_function(F.linear, (r, wv, v.bias)),
+                lambda r: graph.call_function(ops.rows_linear_scatter.default, (r, wv, idx_v, v.bias)))
     _replace(v.base.node, new_v)
     with graph.inserting_before(o.base.node):
         wo = _weight_oriented(graph, o)
-        new_o = graph.call_function(ops.cols_linear_gather.default, (o.base.input, wo, idx_o))
+        if split is None:
+            new_o = graph.call_function(ops.cols_linear_gather.default, (o.base.input, wo, idx_o))
+        else:
+            new_o = _split_linear(
+                graph, split, o.base.input, lambda r: graph.call_function(F.linear, (r, wo)),
+                lambda r: graph.call_function(ops.cols_linear_gather.default, (r, wo, idx_o)))
         if o.bias is not None:
             new_o = graph.call_function(torch.add, (new_o, o.bias))
     _replace(o.base.node, new_o)
 
 
-def _rewrite_qk(gp: GroupPlan, mask: Node | None) -> None:
+def _rewrite_qk(gp: GroupPlan, mask: Node | None, split: TokenSplit | None = None) -> None:
     group = gp.group
     ops = _ops()
     q, k = group.units
     graph = q.scope.gm.graph
+    _check_covers(split, q.base.input, k.base.input)
     order = _order(graph)
     anchor = min(q.base.node, k.base.node, key=order.__getitem__)
     for x in (q.base.input, k.base.input):
         if isinstance(x, Node) and order[x] >= order[anchor]:
             raise CannotRewrite("the key input is computed after the query projection")
+    # Without RoPE the plan counts every head dim as a (single-dim) rotary unit (plan.qk_units);
+    # select_qk reads the same only when told rotary_dim = head_dim (rotary_dim 0 = pass-through).
+    rotary_dim = group.rotary_dim if group.rope != "none" else group.head_dim
     with graph.inserting_before(anchor):
         wq = _weight_oriented(graph, q)
         wk = _weight_oriented(graph, k)
         sel = graph.call_function(
             ops.select_qk.default,
             (q.base.input, wq, q.bias, k.base.input, wk, k.bias, mask, gp.keep, gp.keep_pass, group.num_heads,
-             group.num_kv_heads, group.head_dim, group.rope, group.rotary_dim, *_estimator_args(gp)),
+             group.num_kv_heads, group.head_dim, group.rope, rotary_dim, *_estimator_args(gp)),
         )
         idx_q = graph.call_function(operator.getitem, (sel, 0))
         idx_k = graph.call_function(operator.getitem, (sel, 1))
     for unit, w, idx in ((q, wq, idx_q), (k, wk, idx_k)):
         with graph.inserting_before(unit.base.node):
-            new = graph.call_function(ops.rows_linear_scatter.default, (unit.base.input, w, idx, unit.bias))
+            if split is None:
+                new = graph.call_function(ops.rows_linear_scatter.default, (unit.base.input, w, idx, unit.bias))
+            else:
+                new = _split_linear(
+                    graph, split, unit.base.input,
+                    lambda r, w=w, b=unit.bias: graph.call_function(F.linear, (r, w, b)),
+                    lambda r, w=w, i=idx, b=unit.bias: graph.call_function(
+                        ops.rows_linear_scatter.default, (r, w, i, b)))
         _replace(unit.base.node, new)
 
 
-REWRITERS: dict[str, Callable[[GroupPlan, Node | None], None]] = {
+def _check_covers(split: TokenSplit | None, *inputs: Any) -> None:
+    if split is not None and not all(isinstance(x, Node) and split.covers(x) for x in inputs):
+        raise CannotRewrite("its inputs' tokens are not the output-token mask's tokens")
+
+
+REWRITERS: dict[str, Callable[[GroupPlan, Node | None, TokenSplit | None], None]] = {
     "gated_mlp": _rewrite_mlp,
     "mlp": _rewrite_mlp,
     "attn_vo": _rewrite_vo,
@@ -217,17 +318,46 @@ def _scope_mask(plan: Plan) -> dict[int, Node]:
     return masks
 
 
+def _token_split(gm: GraphModule, plan: Plan, masks: dict[int, Node], skipped: list[Skipped]
+                 ) -> tuple[TokenSplit | None, Scope | None]:
+    """For ``tokens = "output_dense"``: the split of the top-level graph and its scope, or
+    (None, None) with the reason in ``skipped`` (every token then runs sparse)."""
+    if plan.tokens != "output_dense" or not plan.groups:
+        return None, None
+    found, why = find_output_tokens(gm)
+    if found is None:
+        skipped.append(Skipped("tokens", f"output_dense: every token runs sparse: {why}"))
+        return None, None
+    top = next((u.scope for gp in plan.groups for u in gp.group.units if u.scope.gm is gm), None)
+    if top is None:
+        skipped.append(Skipped("tokens", "output_dense: every token runs sparse: the groups live in "
+                               "sub-graphs (activation checkpointing), not next to the loss"))
+        return None, None
+    valid = masks.get(id(top))
+    split = insert_token_split(gm.graph, found, valid, Budget.from_policy(plan.dense_tokens))
+    log.info("sparselora: output tokens from the %s, dense budget %s", found.origin, plan.dense_tokens)
+    return split, top
+
+
 def rewrite_graph(gm: GraphModule, plan: Plan, example_inputs: list[Any], skipped: list[Skipped]) -> int:
     """Rewrite every planned group; return how many were rewritten."""
     masks = _scope_mask(plan)
     real = _real_weights(gm, example_inputs)
-    touched: dict[int, Scope] = {}
+    split, top = _token_split(gm, plan, masks, skipped)
+    split_scope = id(top) if top is not None else None
+    touched: dict[int, Scope] = {split_scope: top} if top is not None else {}
+    if drop_markers(gm) and top is None:
+        touched[-1] = Scope(gm)
     done = 0
+    in_subgraph = 0
     for gp in list(plan.groups):
         group = gp.group
+        scope_id = id(group.units[0].scope)
+        if split is not None and scope_id != split_scope:
+            in_subgraph += 1
         try:
             _check(gp, real)
-            REWRITERS[group.kind](gp, group.mask or masks.get(id(group.units[0].scope)))
+            REWRITERS[group.kind](gp, group.mask or masks.get(scope_id), split if scope_id == split_scope else None)
         except CannotRewrite as err:
             warnings.warn(f"sparselora: {group.name} ({group.kind}) stays dense: {err}", stacklevel=3)
             skipped.append(Skipped(group.name, f"{group.kind} not rewritten: {err}"))
@@ -235,6 +365,9 @@ def rewrite_graph(gm: GraphModule, plan: Plan, example_inputs: list[Any], skippe
             continue
         touched[id(group.units[0].scope)] = group.units[0].scope
         done += 1
+    if in_subgraph:
+        skipped.append(Skipped("tokens", f"output_dense: {in_subgraph} group(s) in sub-graphs run every token "
+                               "sparse (the token split lives in the top-level graph)"))
     for scope in touched.values():
         scope.gm.graph.lint()
         scope.gm.recompile()

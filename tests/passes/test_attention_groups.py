@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from sparselora_fx.models import build_tiny_model, tiny_batch
 from sparselora_fx.passes import graph_ops as ops
+from tests.conftest import analysis_model
 from sparselora_fx.passes.attention import FUSED_REASON, find_attention_groups
 from sparselora_fx.passes.groups import Group, Skipped
 from sparselora_fx.passes.units import LoraUnit, find_lora_units
@@ -64,7 +65,7 @@ def trace_hf(arch: str, impl: str = "sdpa", mask: bool = False) -> Traced:
 
 @functools.lru_cache(maxsize=None)
 def _trace_hf(arch: str, impl: str, mask: bool) -> Traced:
-    model = build_tiny_model(arch, num_layers=2, attn_implementation=impl)
+    model = analysis_model(arch, num_layers=2, attn_implementation=impl)
     batch = {"input_ids": tiny_batch(arch)["input_ids"]}
     if mask:
         batch["attention_mask"] = torch.ones_like(batch["input_ids"])

@@ -8,8 +8,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sparselora_fx
-from sparselora_fx.models import TINY_ARCHITECTURES, build_tiny_model, tiny_batch
+from sparselora_fx.models import TINY_ARCHITECTURES, tiny_batch
 from sparselora_fx.passes import COUNTERS
+from tests.conftest import analysis_model
 from tests.passes.test_units import HandLoRA
 
 # arch -> (units, gated_mlp, mlp, attn_qk, attn_vo) for 2 layers with LoRA on every linear
@@ -30,7 +31,7 @@ def _explain(arch: str):
     batch.pop("labels")
     if arch != "bert":
         batch["use_cache"] = False
-    return sparselora_fx.explain(build_tiny_model(arch), options={"sparsity": 0.5}, **batch)
+    return sparselora_fx.explain(analysis_model(arch), options={"sparsity": 0.5}, **batch)
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHITECTURES)

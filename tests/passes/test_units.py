@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from sparselora_fx.models import TINY_ARCHITECTURES, build_tiny_model, tiny_batch
 from sparselora_fx.passes.units import find_lora_units
-from tests.conftest import trace_graphs
+from tests.conftest import analysis_model, trace_graphs
 
 
 def _lora_wrapped_names(model: nn.Module) -> set[str]:
@@ -25,7 +25,7 @@ def _lora_wrapped_names(model: nn.Module) -> set[str]:
 
 @pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
 def test_every_peft_lora_linear_is_matched(arch: str) -> None:
-    model = build_tiny_model(arch, lora_dropout=0.05)
+    model = analysis_model(arch, lora_dropout=0.05)
     (gm,) = trace_graphs(model, **tiny_batch(arch))
     units = find_lora_units(gm)
     expected = _lora_wrapped_names(model)
