@@ -17,7 +17,8 @@ from torch.fx import GraphModule
 
 from . import _compat
 from .dump import Dumper
-from .errors import SparseLoRAError
+from .errors import OptionsError, PolicyError
+from .passes.groups import Skipped
 from .passes import PassContext, run_pipeline
 from .report import Report, build_report
 from .runtime.schedule import ScheduledGraph, StepSchedule, copy_graph_module, schedule_for
@@ -64,19 +65,29 @@ def lower_scheduled(gm: GraphModule, example_inputs: list[Any], settings: Settin
 
 def analyse_and_rewrite(gm: GraphModule, example_inputs: list[Any], settings: Settings,
                         *, rewrite: bool = True) -> tuple[Report, GraphModule]:
-    """Run the pipeline on ``gm`` in place; a graph we cannot handle stays dense with a warning."""
+    """Run the pipeline on a copy of ``gm``; a graph we cannot handle stays dense with a warning.
+
+    The passes work on a copy so that a failure half-way never ships a half-rewritten graph: the
+    original ``gm`` is returned untouched. Bad user input (options, policy) is raised, not hidden.
+    """
     sparse = rewrite and (torch.is_grad_enabled() or settings.sparse_eval)
-    ctx = PassContext(gm, list(example_inputs), settings, sparse_enabled=sparse)
+    work = copy_graph_module(gm) if sparse else gm
+    ctx = PassContext(work, list(example_inputs), settings, sparse_enabled=sparse)
     dumper = Dumper(settings.dump_dir)
+    result = work
     try:
         run_pipeline(ctx, on_pass=dumper)
-    except SparseLoRAError:
+    except (OptionsError, PolicyError):
         raise
     except Exception as err:  # a graph shape we did not foresee: never break the user's run
         warnings.warn(f"sparselora: this graph runs dense: the passes failed with {type(err).__name__}: {err}. "
                       "Please report it with SPARSELORA_DUMP_DIR set.", stacklevel=2)
         log.exception("sparselora passes failed; graph left dense")
         raise_if_strict(err)
+        result = gm
+        ctx.skipped.append(Skipped("<graph>", f"passes failed ({type(err).__name__}: {err}); whole graph dense"))
+        if ctx.plan is not None:
+            ctx.plan.groups.clear()
     report = build_report(ctx)
     if rewrite and not sparse:
         report.notes.append("gradients are off: the graph runs dense (options['sparse_eval']=True makes it sparse)")
@@ -85,7 +96,7 @@ def analyse_and_rewrite(gm: GraphModule, example_inputs: list[Any], settings: Se
     LAST_REPORTS.append(report)
     del LAST_REPORTS[:-_MAX_REPORTS]
     log.info("sparselora: %s", report.counts())
-    return report, ctx.gm
+    return report, result
 
 
 def raise_if_strict(err: Exception) -> None:

@@ -87,7 +87,7 @@ def _add_demo_parser(sub: Any) -> None:
     d.add_argument("--policy", help="a policy file or preset name; default: MLP 0.9 / attention 0.5, "
                                     "first and last layer dense when there are more than 2 layers")
     d.add_argument("--sparsity", type=float, help="one sparsity for every group (overrides the policy's)")
-    d.add_argument("--steps", type=int, default=40, help="training steps per side (the first compiles)")
+    d.add_argument("--steps", type=int, default=30, help="training steps per side, alternating (the first compiles)")
     d.add_argument("--batch", type=int, default=8)
     d.add_argument("--seq", type=int, default=128, help="tokens per sequence (padded)")
     d.add_argument("--layers", type=int, default=2, help="layers of the built-in model")

@@ -44,6 +44,7 @@ def normalize_module_name(name: str) -> str:
     once against the plain name. Strips `_orig_mod.` (and FSDP / checkpoint wrapper parts)
     anywhere, a leading `base_model.model.`, PEFT adapter suffixes and a trailing `.base_layer`.
     """
+    name = re.sub(r"#\d+$", "", name)  # a module called twice is reported as name#1, name#2
     parts = [p for p in name.split(".") if p not in _WRAPPER_PARTS]
     out = ".".join(parts)
     while out.startswith(PEFT_PREFIX):

@@ -77,6 +77,29 @@ def pass_plan(ctx: PassContext) -> None:
     ctx.plan = make_plan(ctx.groups, ctx.settings.policy, ctx.settings.estimator_rank, ctx.sparse_enabled)
 
 
+def pass_prepare_estimators(ctx: PassContext) -> None:
+    """Build the SVD estimators' factors now (progress bar) when the weights' values are at hand."""
+    from ..runtime.factor_cache import prepare_factors
+    from .rewrite import real_weights
+
+    if not ctx.sparse_enabled or ctx.plan is None:
+        return
+    real = real_weights(ctx.gm, ctx.example_inputs)
+    by_rank: dict[int, list[tuple[str, torch.Tensor]]] = collections.defaultdict(list)
+    for gp in ctx.plan.groups:
+        if gp.estimator.kind != "svd":
+            continue
+        for unit in gp.group.units:
+            if unit.role in ("down", "fc2", "o") or unit.base.weight_transposed:
+                continue  # not estimated, or estimated through a transposed view at run time
+            weight = real.get(unit.scope.resolve(unit.weight))
+            if weight is not None:
+                by_rank[gp.estimator.rank].append((unit.fqn, weight))
+    for rank, weights in by_rank.items():
+        usable = prepare_factors(weights, rank, progress=ctx.settings.progress)
+        COUNTERS["factors_prepared"] += sum(usable.values())
+
+
 def pass_rewrite(ctx: PassContext) -> None:
     """Write the plan into the graph (estimator -> top-k -> gather ops)."""
     from .rewrite import rewrite_graph
@@ -103,6 +126,7 @@ PIPELINE: tuple[Pass, ...] = (
     Pass("find_units", pass_find_units, False),
     Pass("group", pass_group, False),
     Pass("plan", pass_plan, False),
+    Pass("prepare_estimators", pass_prepare_estimators, False),
     Pass("rewrite", pass_rewrite, True),
 )
 

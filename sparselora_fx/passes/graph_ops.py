@@ -27,16 +27,16 @@ CAST_METHODS = {"to", "type", "float", "half", "bfloat16", "double", "type_as"}
 CONTIGUOUS_METHODS = {"contiguous", "clone"}
 TRANSPOSE_METHODS = {"t", "transpose", "permute"}
 
+# Graph spellings of the activations the selection ops score (runtime.selection.ACTIVATIONS); each
+# maps 0 to 0, so padding adds nothing to a score. Others (sigmoid, tanh) leave the MLP ungrouped.
 ACTIVATIONS: dict[Any, str] = {
     F.silu: "silu",
     torch.nn.functional.silu: "silu",
     F.relu: "relu",
     torch.relu: "relu",
     F.gelu: "gelu",
-    torch.sigmoid: "sigmoid",
-    torch.tanh: "tanh",
 }
-ACTIVATION_METHODS = {"relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh"}
+ACTIVATION_METHODS = {"relu": "relu"}
 
 SDPA_FNS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 

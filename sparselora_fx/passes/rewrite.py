@@ -272,7 +272,7 @@ REWRITERS: dict[str, Callable[[GroupPlan, Node | None, TokenSplit | None], None]
 }
 
 
-def _real_weights(gm: GraphModule, example_inputs: list[Any]) -> dict[Node, torch.Tensor]:
+def real_weights(gm: GraphModule, example_inputs: list[Any]) -> dict[Node, torch.Tensor]:
     """Top-level placeholders whose example input is a real tensor with values (parameters under
     inlined nn modules); fake or meta inputs (DDP pieces, export) are left out."""
     from torch._subclasses.fake_tensor import FakeTensor  # stable across 2.x
@@ -342,7 +342,7 @@ def _token_split(gm: GraphModule, plan: Plan, masks: dict[int, Node], skipped: l
 def rewrite_graph(gm: GraphModule, plan: Plan, example_inputs: list[Any], skipped: list[Skipped]) -> int:
     """Rewrite every planned group; return how many were rewritten."""
     masks = _scope_mask(plan)
-    real = _real_weights(gm, example_inputs)
+    real = real_weights(gm, example_inputs)
     split, top = _token_split(gm, plan, masks, skipped)
     split_scope = id(top) if top is not None else None
     touched: dict[int, Scope] = {split_scope: top} if top is not None else {}

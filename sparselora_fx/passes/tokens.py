@@ -87,9 +87,9 @@ def _chain_to_inputs(node: Any) -> list[Node]:
     chain: list[Node] = []
     cur = node
     while isinstance(cur, Node) and cur.op != "placeholder":
-        ok = ops.is_call(cur, _LABEL_FNS, _LABEL_METHODS)
-        others = [a for a in cur.all_input_nodes if a is not cur.args[0]]
-        if not ok or others or not cur.args:
+        ok = ops.is_call(cur, _LABEL_FNS, _LABEL_METHODS) and bool(cur.args)
+        others = [a for a in cur.all_input_nodes if a is not cur.args[0]] if ok else []
+        if not ok or others:
             raise _NotFound(f"the loss target passes through `{cur.name}` ({cur.target}), which the "
                             "token pass does not follow back to the labels")
         chain.append(cur)

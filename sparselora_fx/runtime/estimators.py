@@ -201,8 +201,10 @@ class SvdEstimator(Estimator):
         return y
 
     def estimate_many(self, x2d, linears, mask=None):
-        # Per weight: each may fall back on its own; SVD rows are always token-aligned, and a
-        # token_sample fallback is row-aligned with any other one (same seed, mask, T).
+        # Rows must stay aligned across the linears (a gated MLP multiplies gate and up
+        # estimates): if any weight lacks usable factors, every one of them is token-sampled.
+        if any(factor_cache.get_factors(w, self.rank) is None for w, _ in linears):
+            return self._fallback(linears[0][0]).estimate_many(x2d, linears, mask)
         return [self.estimate(x2d, w, b, mask) for w, b in linears]
 
 

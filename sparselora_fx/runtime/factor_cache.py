@@ -81,7 +81,7 @@ class _State:
 
     def __init__(self) -> None:
         self.lock = threading.RLock()
-        # (fingerprint, rank, device) -> (P, Q) or None (factors not finite: layer stays dense)
+        # (fingerprint, rank, device) -> (P, Q) or None (factors not finite: the SVD estimator token-samples instead)
         self.factors: dict[tuple[str, int, str], tuple[torch.Tensor, torch.Tensor] | None] = {}
         # id(values owner) -> (weakref to it, {view geometry: (_version, fingerprint)})
         self.memo: dict[int, tuple[weakref.ref, dict[tuple, tuple[int, str]]]] = {}
@@ -114,9 +114,12 @@ def effective_rank(weight_shape: tuple[int, ...] | torch.Size, rank: int) -> int
     return max(1, min(int(rank), min(int(s) for s in weight_shape)))
 
 
-def has_values(weight: torch.Tensor) -> bool:
-    """False for meta/fake tensors (compile-time tracing, DDPOptimizer pieces): no values yet."""
-    if weight.device.type == "meta" or torch.compiler.is_compiling():
+def has_values(weight: torch.Tensor, *, at_compile_time: bool = False) -> bool:
+    """False for meta/fake tensors (compile-time tracing, DDPOptimizer pieces): no values yet.
+
+    ``at_compile_time`` is for the backend, which holds the real parameters while compiling.
+    """
+    if weight.device.type == "meta" or (torch.compiler.is_compiling() and not at_compile_time):
         return False
     try:  # private module; the class has been stable across 2.x, but never let it break us
         from torch._subclasses.fake_tensor import FakeTensor
@@ -339,13 +342,15 @@ def _warn_unusable(weight: torch.Tensor, fp: str) -> None:
     msg = (
         f"sparselora_fx: SVD factors of a frozen weight of shape {tuple(weight.shape)} "
         f"({weight.dtype}) are not finite (the weight holds NaN/Inf or overflows its dtype); "
-        "this layer keeps its dense path. Check the checkpoint, or exclude the layer in the policy."
+        "its channels are ranked by token sampling instead (when the weight is known at compile "
+        "time, the layer stays dense). Check the checkpoint, or exclude the layer in the policy."
     )
     log.warning(msg)
     warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-def get_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+def get_factors(weight: torch.Tensor, rank: int, *, at_compile_time: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Cached rank-`rank` factors (P [in, k], Q [k, out]) of a frozen `weight [out, in]`.
 
     Returns None, without raising, for meta/fake weights (compile-time tracing: there are no
@@ -359,7 +364,7 @@ def get_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
             f"get_factors: expected a 2-D linear weight [out, in], got shape {tuple(weight.shape)}; "
             "pass the frozen weight of an nn.Linear / F.linear call."
         )
-    if weight.numel() == 0 or not has_values(weight):
+    if weight.numel() == 0 or not has_values(weight, at_compile_time=at_compile_time):
         return None
     fp = fingerprint(weight)
     k = effective_rank(weight.shape, rank)
@@ -398,7 +403,7 @@ def prepare_factors(
     show = progress and sys.stderr.isatty()
     result: dict[str, bool] = {}
     for name, weight in tqdm(weights, desc="sparselora_fx: SVD factors", disable=not show, unit="w"):
-        result[name] = get_factors(weight, rank) is not None
+        result[name] = get_factors(weight, rank, at_compile_time=True) is not None
     return result
 
 

@@ -204,6 +204,12 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
                 setattr(new, attr, value)
     out = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     out.meta = dict(getattr(gm, "meta", {}))
+    # higher-order-op bodies (checkpoint's wrap_body_*) are rewritten too: copy them, never share
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            sub = getattr(out, node.target, None)
+            if isinstance(sub, torch.fx.GraphModule):
+                setattr(out, node.target, copy_graph_module(sub))
     return out
 
 
