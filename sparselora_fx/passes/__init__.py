@@ -46,7 +46,11 @@ def pass_find_units(ctx: PassContext) -> None:
 def pass_group(ctx: PassContext) -> None:
     """Prove MLP and attention groups from the dataflow; record what could not be grouped."""
     from .attention import find_attention_groups
+    from .units import detect_unsupported
 
+    unsupported = detect_unsupported(ctx.gm)  # QLoRA / DoRA: never sparsified, always reported
+    bad = {name for name, _ in unsupported}
+    ctx.units = [u for u in ctx.units if u.fqn not in bad]
     mlp, skipped = find_mlp_groups(ctx.units)
     grouped = {id(u) for g in mlp for u in g.units}
     attn, attn_skipped = find_attention_groups([u for u in ctx.units if id(u) not in grouped])
@@ -58,6 +62,7 @@ def pass_group(ctx: PassContext) -> None:
     for unit in ctx.units:
         if id(unit) not in grouped and unit.fqn not in named:
             ctx.skipped.append(Skipped(unit.fqn, _ungrouped_reason(unit), unit.output.name))
+    ctx.skipped += [Skipped(name, reason) for name, reason in unsupported]
     for g in ctx.groups:
         COUNTERS[f"group_{g.kind}"] += 1
     COUNTERS["units_skipped"] += len(ctx.units) - len(grouped)
