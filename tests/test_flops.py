@@ -332,10 +332,10 @@ def test_frozen_gemms_scale_with_kept_fraction(s):
     assert 0 < evaluate({"d": dense["lora"] - sparse["lora"]}, B=2, S=8)["d"]
 
 
-@pytest.mark.parametrize("I, s", [(100, 0.9), (100, 0.01), (96, 0.333), (7, 0.99), (4864, 0.97)])
-def test_mlp_keep_follows_the_plans_float_rule(I, s):
-    """The runtime keeps max(1, int(N * (1.0 - s))) channels, float rounding included."""
-    keep = max(1, int(I * (1.0 - s)))
+@pytest.mark.parametrize("I, s, keep", [(100, 0.9, 10), (100, 0.01, 99), (96, 0.333, 64), (7, 0.99, 1),
+                                         (4864, 0.97, 145)])
+def test_mlp_keep_follows_the_runtime_rule(I, s, keep):
+    """The runtime keeps max(1, floor(N * (1 - s))) channels, exact on the decimal as written."""
     shape = LayerShape(H=8, I=I, nh=1, nkv=1, D=8, V=0, r=0)
     per_channel = evaluate(flops_dense_lora(shape, 1, 1))["mlp_fwd"] // I
     direct = flops_sparselora(shape, 1, 1, s, None, None, 0, 2)["mlp_fwd"]

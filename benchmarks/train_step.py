@@ -1,0 +1,246 @@
+"""Train-step benchmark: dense LoRA (torch.compile, Inductor) vs SparseLoRA, side by side (not a test).
+
+Why: the speedup claim must be measured the way users train: one process, both sides compiled,
+warm-up excluded, steps interleaved (dense, sparse, dense, ...) so that load on a shared machine
+hits both alike, median of >= 10 steps with the min-max spread of every timing. Each config
+reports the speedup, the executed-FLOPs ratio (ideal speedup, from sparselora_fx.flops with the
+sparsities the backend's report states), efficiency = speedup / ideal, the estimator's share of
+a sparse step (torch.profiler time of the sparselora::select_* ops), compile times and peak
+step memory. Writes JSON and a markdown table under benchmarks/results/ with the machine
+(CPU model, cores, load average, torch version).
+
+    python benchmarks/train_step.py                       # the headline config, fp32, CPU
+    python benchmarks/train_step.py --dtype bf16
+    python benchmarks/train_step.py --hidden 512,1024 --mlp 0.5,0.9 --steps 10
+
+Every size option takes a comma-separated list; the benchmark runs their product. Only the
+"all tokens sparse" token mode is implemented: it is recorded as output_token_fraction = 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparselora_fx.demo import measure
+from sparselora_fx.flops import LayerShape
+from sparselora_fx.policy import Policy
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in str(text).split(",") if x]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in str(text).split(",") if x]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command line; the defaults are the headline config."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", default="1024")
+    p.add_argument("--intermediate", default="", help="default: 2.75 x hidden rounded to 16 (2816 at 1024)")
+    p.add_argument("--head-dim", type=int, default=128, help="q heads = hidden / head_dim, kv heads = half")
+    p.add_argument("--layers", default="4")
+    p.add_argument("--vocab", type=int, default=8192)
+    p.add_argument("--batch", default="8")
+    p.add_argument("--seq", default="256")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--mlp", default="0.9", help="MLP sparsity (every layer)")
+    p.add_argument("--attn", default="0.5", help="attention sparsity (every layer, QK and VO)")
+    p.add_argument("--estimator-rank", type=int, default=8)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per side (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per side after the compiling one")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-profile", action="store_true", help="skip the estimator-share profile")
+    p.add_argument("--out", default="", help="result stem (default benchmarks/results/train_step-<device>-<dtype>)")
+    return p.parse_args(argv)
+
+
+def build(cfg: dict[str, Any], args: argparse.Namespace) -> torch.nn.Module:
+    """A seeded random Llama with PEFT LoRA on every linear, in ``args.dtype`` on ``args.device``."""
+    import peft
+    import transformers as tf
+
+    heads = max(1, cfg["hidden"] // args.head_dim)
+    config = tf.LlamaConfig(vocab_size=args.vocab, hidden_size=cfg["hidden"], intermediate_size=cfg["intermediate"],
+                            num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                            num_hidden_layers=cfg["layers"], max_position_embeddings=max(2048, cfg["seq"]),
+                            tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = tf.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+        model = peft.get_peft_model(model, peft.LoraConfig(r=args.lora_rank, lora_alpha=2 * args.lora_rank,
+                                                           target_modules="all-linear"))
+    model.config.use_cache = False
+    return model.to(device=args.device, dtype=DTYPES[args.dtype]).train()
+
+
+class Side:
+    """One compiled model with its optimizer; ``step()`` runs and times one train step."""
+
+    def __init__(self, name: str, cfg: dict[str, Any], args: argparse.Namespace) -> None:
+        from sparselora_fx.backend import LAST_REPORTS
+
+        self.name, self.args = name, args
+        self.model = build(cfg, args)
+        n = len(LAST_REPORTS)
+        if name == "dense":
+            self.compiled = torch.compile(self.model)
+        else:
+            policy = Policy(mlp=cfg["mlp"], attn_qk=cfg["attn"], attn_vo=cfg["attn"], tokens="all_sparse",
+                            description="benchmark: same sparsity on every layer")
+            self.compiled = torch.compile(self.model, backend="sparselora",
+                                          options={"policy": policy, "estimator_rank": args.estimator_rank,
+                                                   "progress": False})
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, args.vocab, (cfg["batch"], cfg["seq"]), generator=g).to(args.device)
+        self.batch = {"input_ids": ids, "labels": ids}
+        self.compile_s = self.step()
+        self.reports = LAST_REPORTS[n:]
+
+    def step(self) -> float:
+        dev = torch.device(self.args.device)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = self.compiled(**self.batch).loss
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+
+def estimator_share(side: Side) -> dict[str, float]:
+    """Share of one profiled sparse step spent in the sparselora::select_* ops (scores + top-k)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(side.args.device).type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        wall = side.step()
+    select_us = sum(e.cpu_time_total for e in prof.key_averages() if e.key.startswith("sparselora::select"))
+    return {"select_s": select_us / 1e6, "profiled_step_s": wall, "share": select_us / 1e6 / wall}
+
+
+def run_config(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Both sides of one config: compile, warm up, interleave timed steps, profile, count FLOPs."""
+    torch._dynamo.reset()
+    dense = Side("dense", cfg, args)
+    sparse = Side("sparselora", cfg, args)
+    for _ in range(args.warmup):
+        dense.step()
+        sparse.step()
+    times: dict[str, list[float]] = {"dense": [], "sparselora": []}
+    for _ in range(args.steps):
+        for side in (dense, sparse):
+            times[side.name].append(side.step())
+    mem = {}
+    for side in (dense, sparse):
+        with measure.PeakMemory(args.device) as peak:
+            side.step()
+        mem[side.name] = peak.delta
+    shape = LayerShape.from_hf_config(dense.model.config, args.lora_rank)
+    sparsities = measure.layer_sparsities(sparse.reports, cfg["layers"])
+    none = [{"mlp": None, "attn_qk": None, "attn_vo": None}] * cfg["layers"]
+    flops_d = measure.step_flops(shape, cfg["batch"], cfg["seq"], none)
+    flops_s = measure.step_flops(shape, cfg["batch"], cfg["seq"], sparsities, args.estimator_rank)
+    td, ts = measure.summarize(times["dense"]), measure.summarize(times["sparselora"])
+    speedup = td["median"] / ts["median"]
+    ideal = flops_d / flops_s
+    out = {
+        "config": cfg,
+        "dense": {"step_s": td, "compile_s": dense.compile_s, "flops": flops_d, "peak_step_mem_bytes": mem["dense"]},
+        "sparselora": {"step_s": ts, "compile_s": sparse.compile_s, "flops": flops_s,
+                       "peak_step_mem_bytes": mem["sparselora"], "report": [r.counts() for r in sparse.reports],
+                       "sparsities": sparsities},
+        "speedup": speedup,
+        "ideal_speedup": ideal,
+        "efficiency": speedup / ideal,
+        "tokens_per_s": {"dense": cfg["batch"] * cfg["seq"] / td["median"],
+                         "sparselora": cfg["batch"] * cfg["seq"] / ts["median"]},
+        "paired_speedups": [d / s for d, s in zip(times["dense"], times["sparselora"])],
+    }
+    if not args.no_profile:
+        out["estimator"] = estimator_share(sparse)
+    return out
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """A markdown table of every config plus the machine description."""
+    from tabulate import tabulate
+
+    rows = []
+    for r in results["runs"]:
+        c = r["config"]
+        d, s = r["dense"], r["sparselora"]
+        rows.append([
+            f"{c['hidden']}/{c['intermediate']} x{c['layers']}", f"{c['batch']}x{c['seq']}",
+            f"{c['mlp']}/{c['attn']}", c["output_token_fraction"],
+            f"{d['step_s']['median']:.3f} ({d['step_s']['min']:.3f}-{d['step_s']['max']:.3f})",
+            f"{s['step_s']['median']:.3f} ({s['step_s']['min']:.3f}-{s['step_s']['max']:.3f})",
+            f"{r['speedup']:.2f}x", f"{r['ideal_speedup']:.2f}x", f"{r['efficiency']:.2f}",
+            f"{100 * r['estimator']['share']:.1f}%" if "estimator" in r else "-",
+            f"{d['compile_s']:.0f} / {s['compile_s']:.0f}",
+            f"{d['peak_step_mem_bytes'] / 2**20:.0f} / {s['peak_step_mem_bytes'] / 2**20:.0f}",
+        ])
+    headers = ["hidden/inter x layers", "batch x seq", "sparsity mlp/attn", "output-token frac",
+               "dense step s (min-max)", "sparse step s (min-max)", "speedup", "ideal (FLOPs)", "efficiency",
+               "estimator share", "compile s d/s", "peak step MiB d/s"]
+    m = results["machine"]
+    head = (f"# Train-step benchmark ({results['device']}, {results['dtype']})\n\n"
+            f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), torch {m['torch']}"
+            f"{', GPU ' + m['gpu'] if 'gpu' in m else ''}. Load average before/after (1/5/15 min): "
+            f"{m['loadavg_1_5_15']} / {results['loadavg_after']} -- other processes shared the cores.\n\n"
+            f"{results['steps']} timed steps per side after {results['warmup']} warm-up steps, interleaved; "
+            "median with min-max. Ideal = dense FLOPs / sparse FLOPs (sparselora_fx.flops); efficiency = "
+            "speedup / ideal; estimator share = profiler time of sparselora::select_* over one sparse step. "
+            "Peak step memory: " + ("CUDA allocator peak" if results["device"].startswith("cuda") else
+                                    "sampled RSS above the level before the step") + ".\n\n")
+    return head + tabulate(rows, headers=headers, tablefmt="github") + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.steps < 10:
+        print("note: fewer than 10 timed steps: the median is less trustworthy", file=sys.stderr)
+    machine = measure.describe_machine(args.device)
+    runs = []
+    grid = itertools.product(_ints(args.hidden), _ints(args.layers), _ints(args.batch), _ints(args.seq),
+                             _floats(args.mlp), _floats(args.attn))
+    for hidden, layers, batch, seq, mlp, attn in grid:
+        inter = _ints(args.intermediate)[0] if args.intermediate else int(round(hidden * 2.75 / 16) * 16)
+        cfg = {"hidden": hidden, "intermediate": inter, "layers": layers, "batch": batch, "seq": seq,
+               "mlp": mlp, "attn": attn, "output_token_fraction": 0.0, "token_mode": "all_sparse",
+               "lora_rank": args.lora_rank, "vocab": args.vocab, "estimator": f"svd:{args.estimator_rank}"}
+        print(f"config {cfg} ...", flush=True)
+        r = run_config(cfg, args)
+        print(f"  speedup {r['speedup']:.2f}x, ideal {r['ideal_speedup']:.2f}x, efficiency {r['efficiency']:.2f}",
+              flush=True)
+        runs.append(r)
+    results = {"device": args.device, "dtype": args.dtype, "steps": args.steps, "warmup": args.warmup,
+               "machine": machine, "loadavg_after": list(__import__("os").getloadavg()), "runs": runs}
+    stem = Path(args.out) if args.out else RESULTS / f"train_step-{torch.device(args.device).type}-{args.dtype}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    md = markdown(results)
+    stem.with_suffix(".md").write_text(md, encoding="utf-8")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
