@@ -1,9 +1,8 @@
-"""``sparselora-fx``: inspect what the backend does to a model; run the dense-vs-sparse demo."""
+"""``sparselora-fx``: ``demo`` (the main job), ``inspect`` (what the backend does to a model), ``fidelity``."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -119,6 +118,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_inspect)
     _add_demo_parser(sub)
+    from .fidelity import add_fidelity_parser
+
+    add_fidelity_parser(sub)
     args = parser.parse_args(argv)
     from .errors import SparseLoRAError
 
