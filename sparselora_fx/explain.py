@@ -29,5 +29,8 @@ def explain(model: Callable[..., Any], *example_args: Any, options: dict[str, An
 
     compiled = torch.compile(model, backend=analysis_backend, dynamic=False)
     compiled(*example_args, **example_kwargs)
-    report.notes = sorted(set(report.notes))
+    # policy rules that select none of the model's units (a typo leaves layers dense): say so
+    report.notes += settings.policy.for_names([u.fqn for u in report.units]).check_names(
+        [u.fqn for u in report.units]) if report.units else []
+    report.notes = list(dict.fromkeys(report.notes))
     return report

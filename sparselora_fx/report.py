@@ -137,4 +137,5 @@ def build_report(ctx: Any) -> Report:
                                 sparsity=gp.sparsity if gp else None, keep=gp.kept_channels if gp else None,
                                 channels=g.channels, estimator=est))
     skipped = [SkippedInfo(s.name, s.reason, s.where) for s in ctx.skipped]
-    return Report(units=list(units.values()), groups=groups, skipped=skipped, graphs=1)
+    return Report(units=list(units.values()), groups=groups, skipped=skipped, graphs=1,
+                  notes=list(getattr(ctx, "notes", [])))

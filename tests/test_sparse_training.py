@@ -352,14 +352,15 @@ def test_inductor_llama_dynamic_lengths_compile_once():
 
 
 @pytest.mark.inductor
-def test_inductor_opt_matches_aot_eager():
-    batch = tiny_batch("opt")
-    # OPT's dropout draws from Inductor's own RNG under Inductor: switch dropout off (eval mode:
+@pytest.mark.parametrize("arch", ["opt", "bert"])  # the decoder family with biases; the encoder family
+def test_inductor_matches_aot_eager(arch):
+    batch = tiny_batch(arch)
+    # dropout draws from Inductor's own RNG under Inductor: switch dropout off (eval mode:
     # gradients stay on, so the graph is still the sparse training graph)
-    ref = build_tiny_model("opt", num_layers=1, init_lora_b=True).eval()
+    ref = build_tiny_model(arch, num_layers=1, init_lora_b=True).eval()
     want, _ = _step(_compile(ref, sparsity=0.5), batch)
     torch._dynamo.reset()
-    model = build_tiny_model("opt", num_layers=1, init_lora_b=True).eval()
+    model = build_tiny_model(arch, num_layers=1, init_lora_b=True).eval()
     r0 = COUNTERS["groups_rewritten"]
     got, _ = _step(_compile(model, sparsity=0.5, inner="inductor"), batch)
     assert COUNTERS["groups_rewritten"] > r0

@@ -35,6 +35,7 @@ class PassContext:
     skipped: list[Skipped] = field(default_factory=list)
     plan: Plan | None = None
     rewritten: int = 0
+    notes: list[str] = field(default_factory=list)
 
 
 def pass_find_units(ctx: PassContext) -> None:
@@ -87,7 +88,9 @@ def pass_prepare_estimators(ctx: PassContext) -> None:
     from ..runtime.factor_cache import prepare_factors
     from .rewrite import real_weights
 
-    if not ctx.sparse_enabled or ctx.plan is None:
+    from ..runtime.factor_cache import cache_stats
+
+    if ctx.plan is None:
         return
     real = real_weights(ctx.gm, ctx.example_inputs)
     by_rank: dict[int, list[tuple[str, torch.Tensor]]] = collections.defaultdict(list)
@@ -100,9 +103,16 @@ def pass_prepare_estimators(ctx: PassContext) -> None:
             weight = real.get(unit.scope.resolve(unit.weight))
             if weight is not None:
                 by_rank[gp.estimator.rank].append((unit.fqn, weight))
+    before = cache_stats()
     for rank, weights in by_rank.items():
         usable = prepare_factors(weights, rank, progress=ctx.settings.progress)
         COUNTERS["factors_prepared"] += sum(usable.values())
+    if by_rank:
+        after = cache_stats()
+        ctx.notes.append(f"SVD estimator factors for {sum(len(w) for w in by_rank.values())} weights: "
+                         f"built in {after.build_seconds - before.build_seconds:.2f} s "
+                         f"({after.misses - before.misses} new, the rest cached), "
+                         f"{after.bytes_in_memory / 2**20:.2f} MiB held in memory")
 
 
 def pass_rewrite(ctx: PassContext) -> None:
