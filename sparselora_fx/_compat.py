@@ -47,13 +47,6 @@ def compile_fx() -> Callable[..., Any]:
     return _compile_fx
 
 
-def fake_mode_of(example_inputs: list[Any]) -> Any:
-    """The FakeTensorMode Dynamo traced with (None if the inputs carry none)."""
-    from torch._guards import detect_fake_mode
-
-    return detect_fake_mode(example_inputs)
-
-
 def trace_artifact(name: str, payload: Callable[[], str]) -> None:
     """Emit a ``TORCH_TRACE`` artifact (for tlparse) when structured tracing is on."""
     try:

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Graph, GraphModule, Node
 
-from .. import _compat
 from .groups import Group, Skipped
 from .plan import GroupPlan, Plan
 from .tokens import Budget, TokenSplit, drop_markers, find_output_tokens, insert_token_split, merge_rows, take_rows
