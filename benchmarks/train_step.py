@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = {"hidden": hidden, "intermediate": inter, "layers": layers, "batch": batch, "seq": seq,
                "mlp": mlp, "attn": attn, "output_token_fraction": 0.0, "token_mode": "all_sparse",
                "lora_rank": args.lora_rank, "vocab": args.vocab,
-               "estimator": f"policy defaults: MLP/VO token_sample:128, QK svd:{args.estimator_rank}"}
+               "estimator": f"policy defaults: MLP token_sample:120, VO token_sample:128, QK svd:{args.estimator_rank}"}
         print(f"config {cfg} ...", flush=True)
         r = run_config(cfg, args)
         print(f"  speedup {r['speedup']:.2f}x, ideal {r['ideal_speedup']:.2f}x, efficiency {r['efficiency']:.2f}",

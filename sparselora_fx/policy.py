@@ -595,10 +595,11 @@ def _resolve_value(
 
 # Measured defaults (benchmarks/results/fidelity.md, MiniLM-L6 real weights): exact activations of
 # 128 sampled tokens keep 0.97-0.98 of the oracle's activation energy at MLP sparsity 0.5-0.9,
-# where the rank-8 SVD keeps 0.45-0.68, at about 2% of the group's dense GEMM FLOPs at 4096
-# tokens. Q/K has no fidelity measurement yet: it keeps the paper's rank-8 SVD.
+# where the rank-8 SVD keeps 0.45-0.68. The sample is the largest within 2% of the group's dense
+# forward GEMM FLOPs at 4096 tokens: 120 for a gated MLP (2 of its 3 GEMMs are estimated; a plain
+# MLP would allow 163), 128 for V/O. Q/K has no fidelity measurement yet: the paper's rank-8 SVD.
 DEFAULT_ESTIMATORS: dict[str, EstimatorSpec] = {
-    "mlp": EstimatorSpec("token_sample", samples=128),
+    "mlp": EstimatorSpec("token_sample", samples=120),
     "attn_vo": EstimatorSpec("token_sample", samples=128),
     "attn_qk": EstimatorSpec("svd", rank=DEFAULT_SVD_RANK),
 }

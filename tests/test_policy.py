@@ -216,7 +216,7 @@ def test_rule_matches_helper() -> None:
 
 def test_estimator_forms() -> None:
     p = Policy()  # the measured defaults: exact activations of 128 sampled tokens for MLP and V/O
-    assert p.estimator_for("gated_mlp") == EstimatorSpec("token_sample", samples=128)
+    assert p.estimator_for("gated_mlp") == EstimatorSpec("token_sample", samples=120)
     assert p.estimator_for("attn_vo") == EstimatorSpec("token_sample", samples=128)
     assert p.estimator_for("attn_qk") == EstimatorSpec("svd", rank=8)
     one = Policy.from_dict({"defaults": {"estimator": {"kind": "token_sample", "samples": 32}}})
@@ -238,7 +238,7 @@ def test_estimator_forms() -> None:
     assert per.estimator_for("attn_vo") == per.estimator_for("attn_qk")
     partial = Policy(estimator={"attn_vo": EstimatorSpec("svd", rank=4)})
     assert partial.estimator_for("attn_vo").rank == 4
-    assert partial.estimator_for("mlp") == EstimatorSpec("token_sample", samples=128)
+    assert partial.estimator_for("mlp") == EstimatorSpec("token_sample", samples=120)
 
 
 @pytest.mark.parametrize(

@@ -62,6 +62,11 @@ def _check_inputs(x2d: torch.Tensor, mask: torch.Tensor | None) -> None:
         )
 
 
+def _wide(y: torch.Tensor) -> torch.Tensor:
+    """At least float32 (bf16/fp16 estimates are reduced in float32)."""
+    return y if y.dtype in (torch.float32, torch.float64) else y.float()
+
+
 def _row_weight(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """0/1 per row in the compute dtype (None: every row is real)."""
     if mask is None:
@@ -83,6 +88,15 @@ class Estimator(abc.ABC):
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Estimate `[T', out]`; rows that are not real tokens are exactly zero."""
+
+    def column_norms(
+        self, x2d: torch.Tensor, linears: Sequence[Linear], mask: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """Per output channel, the L2 norm over tokens of each linear's estimate (float32 or wider).
+
+        What V/O and Q/K scores need; estimators may compute it without materialising `[T, out]`.
+        """
+        return [torch.linalg.vector_norm(_wide(y), dim=0) for y in self.estimate_many(x2d, linears, mask)]
 
     def estimate_many(
         self, x2d: torch.Tensor, linears: Sequence[Linear], mask: torch.Tensor | None = None
@@ -199,6 +213,27 @@ class SvdEstimator(Estimator):
         if row is not None:
             y = y * row[:, None]
         return y
+
+    def column_norms(self, x2d, linears, mask=None):
+        # ||x P Q_c + b_c||^2 over tokens = [Q; b]_c^T G [Q; b]_c with G = Z^T Z, Z = [x P, 1]
+        # (masked rows zeroed): a [k+1, k+1] Gram matrix instead of the [T, out] estimate.
+        if any(factor_cache.get_factors(w, self.rank) is None for w, _ in linears):
+            return self._fallback(linears[0][0]).column_norms(x2d, linears, mask)
+        out = []
+        row = _row_weight(mask, torch.float32 if x2d.dtype != torch.float64 else x2d.dtype)
+        for weight, bias in linears:
+            p, q = factor_cache.get_factors(weight, self.rank)
+            z = _wide(x2d) @ _wide(p).to(_wide(x2d).dtype)
+            q = _wide(q).to(z.dtype)
+            ones = torch.ones(z.shape[0], 1, dtype=z.dtype, device=z.device)
+            if row is not None:
+                z, ones = z * row[:, None].to(z.dtype), ones * row[:, None].to(z.dtype)
+            if bias is not None:
+                z = torch.cat([z, ones], dim=1)
+                q = torch.cat([q, bias.to(z.dtype)[None, :]], dim=0)
+            gram = z.T @ z
+            out.append(((gram @ q) * q).sum(dim=0).clamp_min(0).sqrt())
+        return out
 
     def estimate_many(self, x2d, linears, mask=None):
         # Rows must stay aligned across the linears (a gated MLP multiplies gate and up

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PolicyError, UnsupportedGraphError
-from .estimators import Estimator, get_estimator
+from .estimators import Estimator, _wide, get_estimator
 
 __all__ = [
     "ACTIVATIONS",
@@ -130,11 +130,6 @@ def _flatten(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, 
     return x2d, m
 
 
-def _wide(y: torch.Tensor) -> torch.Tensor:
-    """Half-precision estimates are scored in float32 (no overflow in squares, stable ranks)."""
-    return y.float() if y.element_size() < 4 else y
-
-
 def _norms(y: torch.Tensor) -> torch.Tensor:
     """Per-channel L2 norm over rows, at least in float32."""
     return torch.linalg.vector_norm(_wide(y), dim=0)
@@ -169,7 +164,8 @@ def vo_scores(
 ) -> torch.Tensor:
     """Score of each V output channel: ||V^_c|| over tokens."""
     x2d, m = _flatten(x, mask)
-    return _norms(estimator.estimate(x2d, w_v, b_v, m))
+    (norms,) = estimator.column_norms(x2d, [(w_v, b_v)], m)
+    return norms
 
 
 def kv_to_q_channels(
@@ -450,11 +446,11 @@ def select_qk(
         xq2d, mq = _flatten(x_q.detach(), mask)
         xk2d, mk = _flatten(x_k.detach(), mask)
         if x_q is x_k:
-            q_hat, k_hat = est.estimate_many(xq2d, [(w_q, b_q), (w_k, b_k)], mq)
+            q_norm, k_norm = est.column_norms(xq2d, [(w_q, b_q), (w_k, b_k)], mq)
         else:
-            q_hat = est.estimate(xq2d, w_q, b_q, mq)
-            k_hat = est.estimate(xk2d, w_k, b_k, mk)
-        scores = qk_dim_scores(_norms(q_hat), _norms(k_hat), num_heads, num_kv_heads, head_dim)
+            (q_norm,) = est.column_norms(xq2d, [(w_q, b_q)], mq)
+            (k_norm,) = est.column_norms(xk2d, [(w_k, b_k)], mk)
+        scores = qk_dim_scores(q_norm, k_norm, num_heads, num_kv_heads, head_dim)
         dims = select_head_dims(scores, keep_rot, keep_pass, rope, rotary_dim)
         return _record("select_qk", qk_channel_indices(dims, num_heads, num_kv_heads, head_dim))
 

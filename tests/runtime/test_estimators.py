@@ -451,3 +451,18 @@ def test_prepare_factors_reports_usable():
 def test_get_factors_rejects_non_matrix():
     with pytest.raises(SparseLoRAError, match="2-D"):
         fc.get_factors(torch.zeros(3), 4)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("kind", ["svd", "token_sample"])
+def test_column_norms_equal_the_norms_of_the_estimate(kind: str, with_bias: bool) -> None:
+    """V/O and Q/K scores use column_norms (a Gram matrix for SVD): the same numbers as the estimate's norms."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(37, 12, generator=g, dtype=torch.float64)
+    w = torch.randn(9, 12, generator=g, dtype=torch.float64)
+    b = torch.randn(9, generator=g, dtype=torch.float64) if with_bias else None
+    mask = (torch.arange(37) % 4 != 0).to(torch.float64)
+    est = E.get_estimator(kind, rank=3, samples=11, seed=1)
+    (got,) = est.column_norms(x, [(w, b)], mask)
+    want = est.estimate(x, w, b, mask).norm(dim=0)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
