@@ -14,6 +14,10 @@ import torch
 log = logging.getLogger("sparselora_fx")
 
 
+#: The builtin Dynamo records for ``F.pad`` (F.pad is a Python wrapper around it).
+PAD_BUILTINS: tuple[Any, ...] = tuple(f for f in (getattr(getattr(torch._C, "_nn", None), "pad", None),) if f)
+
+
 def dynamo_source_name(node: torch.fx.Node) -> str | None:
     """The Dynamo source string of a placeholder (e.g. ``L['self']._modules['fc']._parameters['weight']``).
 
@@ -38,6 +42,38 @@ def backend_registry() -> tuple[dict[str, Any], dict[str, Callable[..., Any]]]:
 
     registry._lazy_import()
     return registry._BACKENDS, registry._COMPILER_FNS
+
+
+def lookup_backend(name: str) -> Callable[..., Any]:
+    """A Dynamo backend by name (``aot_eager``, ...)."""
+    from torch._dynamo.backends.registry import lookup_backend as _lookup
+
+    return _lookup(name)
+
+
+def register_backend(fn: Callable[..., Any], name: str) -> None:
+    from torch._dynamo import register_backend as _register
+
+    _register(compiler_fn=fn, name=name)
+
+
+def inductor_mode_options(mode: str) -> dict[str, Any]:
+    """Inductor config patches that ``torch.compile(mode=...)`` stands for."""
+    return dict(torch._inductor.list_mode_options(mode))
+
+
+def aot_autograd_backend(fw_compiler: Callable[..., Any], bw_compiler: Callable[..., Any]) -> Callable[..., Any]:
+    """AOTAutograd with our forward/backward graph compilers (the aot_eager shape)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    return aot_autograd(fw_compiler=fw_compiler, bw_compiler=bw_compiler)
+
+
+def boxed(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """AOTAutograd's boxed calling convention (one list argument) for a plain function."""
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    return make_boxed_func(fn)
 
 
 def compile_fx() -> Callable[..., Any]:

@@ -112,12 +112,10 @@ def lower(gm: GraphModule, example_inputs: list[Any], settings: Settings, mode: 
     if settings.inner == "eager":
         return gm.forward
     if settings.inner == "aot_eager":
-        from torch._dynamo.backends.registry import lookup_backend
-
-        return lookup_backend("aot_eager")(gm, example_inputs)
+        return _compat.lookup_backend("aot_eager")(gm, example_inputs)
     patches = dict(settings.inductor)
     if mode is not None and mode != "default":
-        patches = {**torch._inductor.list_mode_options(mode), **patches}
+        patches = {**_compat.inductor_mode_options(mode), **patches}
     return _compat.compile_fx()(gm, example_inputs, config_patches=patches or None)
 
 
@@ -129,6 +127,4 @@ def register() -> None:
         return
     if BACKEND_NAME in compiler_fns or entry_points.get(BACKEND_NAME) is not None:
         return  # registered already, or lookup_backend will load the entry point and register it
-    from torch._dynamo import register_backend
-
-    register_backend(compiler_fn=sparselora_backend, name=BACKEND_NAME)
+    _compat.register_backend(sparselora_backend, BACKEND_NAME)

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from . import _compat
 from .backend import analyse_and_rewrite
 from .settings import Settings
 
@@ -42,8 +43,6 @@ class ExecutedFlops:
         return sum(v for k, v in self.counts.items() if k.startswith(prefix))
 
     def _counted(self, gm: torch.fx.GraphModule, example_inputs: Any) -> Callable[..., Any]:
-        from torch._functorch.aot_autograd import make_boxed_func
-
         def run(*args: Any) -> Any:
             with FlopCounterMode(display=False) as counter:
                 # an Interpreter calls the ops directly: no module call, so the counter's module
@@ -53,11 +52,9 @@ class ExecutedFlops:
                 self.counts[str(op)] += n
             return out
 
-        return make_boxed_func(run)
+        return _compat.boxed(run)
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any], **_: Any) -> Callable[..., Any]:
-        from torch._dynamo.backends.common import aot_autograd
-
         if self.rewrite:
             _, gm = analyse_and_rewrite(gm, example_inputs, self.settings)
-        return aot_autograd(fw_compiler=self._counted, bw_compiler=self._counted)(gm, example_inputs)
+        return _compat.aot_autograd_backend(self._counted, self._counted)(gm, example_inputs)

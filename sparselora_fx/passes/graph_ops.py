@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Node
 
-LINEAR_FNS = {torch._C._nn.linear, F.linear}
+LINEAR_FNS = {F.linear}  # the same object as torch._C._nn.linear, which Dynamo records
 MATMUL_FNS = {torch.matmul, operator.matmul, torch.mm, torch.bmm}
 MATMUL_METHODS = {"matmul", "mm", "__matmul__"}
 ADD_FNS = {operator.add, operator.iadd, torch.add}
@@ -38,7 +38,7 @@ ACTIVATIONS: dict[Any, str] = {
 }
 ACTIVATION_METHODS = {"relu": "relu"}
 
-SDPA_FNS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+SDPA_FNS = {F.scaled_dot_product_attention}
 
 
 def is_call(node: Any, fns: set[Any] = frozenset(), methods: set[str] = frozenset()) -> bool:

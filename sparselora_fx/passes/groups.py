@@ -95,7 +95,7 @@ def common_prefix(names: list[str]) -> str:
 def activation_name(node: Node) -> str | None:
     """The activation a node applies, in the names the selection ops accept."""
     if node.op == "call_function":
-        if node.target in (F.gelu, torch._C._nn.gelu):
+        if node.target is F.gelu:
             approx = node.kwargs.get("approximate", node.args[1] if len(node.args) > 1 else "none")
             return "gelu_tanh" if approx == "tanh" else "gelu"
         return ops.ACTIVATIONS.get(node.target)

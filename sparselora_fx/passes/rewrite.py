@@ -274,11 +274,10 @@ REWRITERS: dict[str, Callable[[GroupPlan, Node | None, TokenSplit | None], None]
 def real_weights(gm: GraphModule, example_inputs: list[Any]) -> dict[Node, torch.Tensor]:
     """Top-level placeholders whose example input is a real tensor with values (parameters under
     inlined nn modules); fake or meta inputs (DDP pieces, export) are left out."""
-    from torch._subclasses.fake_tensor import FakeTensor  # stable across 2.x
+    from ..runtime.factor_cache import has_values
 
-    def real(v: Any) -> bool:  # factor_cache.has_values says False while compiling, by design
-        return type(v) in (torch.Tensor, torch.nn.Parameter) and not isinstance(v, FakeTensor) \
-            and v.device.type != "meta"
+    def real(v: Any) -> bool:
+        return isinstance(v, torch.Tensor) and has_values(v, at_compile_time=True)
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     return {n: v for n, v in zip(placeholders, example_inputs) if real(v)}

@@ -33,12 +33,13 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Graph, GraphModule, Node
 
+from .. import _compat
 from . import graph_ops as ops
 
 CROSS_ENTROPY_FNS = {F.cross_entropy, torch.nn.functional.cross_entropy}
 #: Ops a label tensor may pass through between the model input and the loss target.
 _LABEL_METHODS = {"view", "reshape", "flatten", "contiguous", "clone", "to", "long", "int"}
-_LABEL_FNS = {torch.reshape, torch.flatten, operator.getitem, F.pad, torch._C._nn.pad}
+_LABEL_FNS = {torch.reshape, torch.flatten, operator.getitem, F.pad, *_compat.PAD_BUILTINS}
 #: Ops between the logits and the loss input (flatten, upcast, slice the last position off).
 _LOGIT_METHODS = {"view", "reshape", "flatten", "contiguous", "float", "to", "double", "type"}
 

@@ -121,13 +121,8 @@ def has_values(weight: torch.Tensor, *, at_compile_time: bool = False) -> bool:
     """
     if weight.device.type == "meta" or (torch.compiler.is_compiling() and not at_compile_time):
         return False
-    try:  # private module; the class has been stable across 2.x, but never let it break us
-        from torch._subclasses.fake_tensor import FakeTensor
-    except ImportError:  # pragma: no cover - defensive
-        FakeTensor = ()  # type: ignore[assignment]
-    if isinstance(weight, FakeTensor):
-        return False
-    # Tensor subclasses (functional wrappers, DTensor shards) are not plain values to hash.
+    # Only plain tensors carry values: fake tensors, functional wrappers and DTensor shards are
+    # subclasses (so this also keeps compile-time stand-ins out).
     return type(weight) in (torch.Tensor, torch.nn.Parameter)
 
 
