@@ -13,8 +13,12 @@ step memory. Writes JSON and a markdown table under benchmarks/results/ with the
     python benchmarks/train_step.py --dtype bf16
     python benchmarks/train_step.py --hidden 512,1024 --mlp 0.5,0.9 --steps 10
 
-Every size option takes a comma-separated list; the benchmark runs their product. Only the
-"all tokens sparse" token mode is implemented: it is recorded as output_token_fraction = 0.
+    python benchmarks/train_step.py --dense-layers 0,-1 --output-fraction 0.25   # reference-like
+
+Every size option takes a comma-separated list; the benchmark runs their product.
+`--output-fraction f` puts the labels on the last f of each sequence (the answer tokens of an
+instruction set; -100 elsewhere) and runs those tokens dense (policy tokens = "output_dense", as
+the reference does); 0 (the default) trains on every token and runs all of them sparse.
 """
 
 from __future__ import annotations
@@ -58,7 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--mlp", default="0.9", help="MLP sparsity (every layer)")
     p.add_argument("--attn", default="0.5", help="attention sparsity (every layer, QK and VO)")
-    p.add_argument("--estimator-rank", type=int, default=8)
+    p.add_argument("--dense-layers", default="", help="layer indices kept dense, e.g. 0,-1 (reference-like)")
+    p.add_argument("--output-fraction", type=float, default=0.0,
+                   help="labels on the last fraction of each sequence, run dense (0: all tokens sparse)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per side (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side after the compiling one")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
@@ -87,6 +93,22 @@ def build(cfg: dict[str, Any], args: argparse.Namespace) -> torch.nn.Module:
     return model.to(device=args.device, dtype=DTYPES[args.dtype]).train()
 
 
+def answer_tokens(cfg: dict[str, Any]) -> int:
+    """Tokens per sequence that carry labels: all of them, or the last output_token_fraction."""
+    f = cfg["output_token_fraction"]
+    return cfg["seq"] if f <= 0 else max(1, round(f * cfg["seq"]))
+
+
+def benchmark_policy(cfg: dict[str, Any]) -> Policy:
+    """The config's sparsity on every layer but `dense_layers`; answer tokens dense if they exist."""
+    rules = [{"layers": list(cfg["dense_layers"]), "dense": True}] if cfg["dense_layers"] else []
+    data = {"description": "benchmark", "rules": rules,
+            "defaults": {"mlp": cfg["mlp"], "attn": cfg["attn"], "tokens": cfg["token_mode"]}}
+    if cfg["token_mode"] == "output_dense":
+        data["defaults"]["dense_tokens"] = cfg["output_token_fraction"]
+    return Policy.from_dict(data)
+
+
 class Side:
     """One compiled model with its optimizer; ``step()`` runs and times one train step."""
 
@@ -99,15 +121,14 @@ class Side:
         if name == "dense":
             self.compiled = torch.compile(self.model)
         else:
-            policy = Policy(mlp=cfg["mlp"], attn_qk=cfg["attn"], attn_vo=cfg["attn"], tokens="all_sparse",
-                            description="benchmark: same sparsity on every layer")
             self.compiled = torch.compile(self.model, backend="sparselora",
-                                          options={"policy": policy, "estimator_rank": args.estimator_rank,
-                                                   "progress": False})
+                                          options={"policy": benchmark_policy(cfg), "progress": False})
         self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=1e-4)
         g = torch.Generator().manual_seed(1)
         ids = torch.randint(0, args.vocab, (cfg["batch"], cfg["seq"]), generator=g).to(args.device)
-        self.batch = {"input_ids": ids, "labels": ids}
+        labels = ids.clone()
+        labels[:, : cfg["seq"] - answer_tokens(cfg)] = -100
+        self.batch = {"input_ids": ids, "labels": labels}
         self.compile_s = self.step()
         self.reports = LAST_REPORTS[n:]
 
@@ -156,8 +177,9 @@ def run_config(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     shape = LayerShape.from_hf_config(dense.model.config, args.lora_rank)
     sparsities = measure.layer_sparsities(sparse.reports, cfg["layers"])
     none = [{"mlp": None, "attn_qk": None, "attn_vo": None}] * cfg["layers"]
+    f_out = answer_tokens(cfg) / cfg["seq"] if cfg["token_mode"] == "output_dense" else 0.0
     flops_d = measure.step_flops(shape, cfg["batch"], cfg["seq"], none)
-    flops_s = measure.step_flops(shape, cfg["batch"], cfg["seq"], sparsities, args.estimator_rank)
+    flops_s = measure.step_flops(shape, cfg["batch"], cfg["seq"], sparsities, f_out=f_out)
     td, ts = measure.summarize(times["dense"]), measure.summarize(times["sparselora"])
     speedup = td["median"] / ts["median"]
     ideal = flops_d / flops_s
@@ -189,7 +211,8 @@ def markdown(results: dict[str, Any]) -> str:
         d, s = r["dense"], r["sparselora"]
         rows.append([
             f"{c['hidden']}/{c['intermediate']} x{c['layers']}", f"{c['batch']}x{c['seq']}",
-            f"{c['mlp']}/{c['attn']}", c["output_token_fraction"],
+            f"{c['mlp']}/{c['attn']}" + (f" (layers {c['dense_layers']} dense)" if c.get("dense_layers") else ""),
+            c["output_token_fraction"],
             f"{d['step_s']['median']:.3f} ({d['step_s']['min']:.3f}-{d['step_s']['max']:.3f})",
             f"{s['step_s']['median']:.3f} ({s['step_s']['min']:.3f}-{s['step_s']['max']:.3f})",
             f"{r['speedup']:.2f}x", f"{r['ideal_speedup']:.2f}x", f"{r['efficiency']:.2f}",
@@ -197,7 +220,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"{d['compile_s']:.0f} / {s['compile_s']:.0f}",
             f"{d['peak_step_mem_bytes'] / 2**20:.0f} / {s['peak_step_mem_bytes'] / 2**20:.0f}",
         ])
-    headers = ["hidden/inter x layers", "batch x seq", "sparsity mlp/attn", "output-token frac",
+    headers = ["hidden/inter x layers", "batch x seq", "sparsity mlp/attn", "dense output tokens",
                "dense step s (min-max)", "sparse step s (min-max)", "speedup", "ideal (FLOPs)", "efficiency",
                "estimator share", "compile s d/s", "peak step MiB d/s"]
     m = results["machine"]
@@ -205,6 +228,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), torch {m['torch']}"
             f"{', GPU ' + m['gpu'] if 'gpu' in m else ''}. Load average before/after (1/5/15 min): "
             f"{m['loadavg_1_5_15']} / {results['loadavg_after']} -- other processes shared the cores.\n\n"
+            f"Estimators: {results['runs'][0]['config']['estimator']}.\n\n"
             f"{results['steps']} timed steps per side after {results['warmup']} warm-up steps, interleaved; "
             "median with min-max. Ideal = dense FLOPs / sparse FLOPs (sparselora_fx.flops); efficiency = "
             "speedup / ideal; estimator share = profiler time of sparselora::select_* over one sparse step. "
@@ -223,10 +247,13 @@ def main(argv: list[str] | None = None) -> int:
                              _floats(args.mlp), _floats(args.attn))
     for hidden, layers, batch, seq, mlp, attn in grid:
         inter = _ints(args.intermediate)[0] if args.intermediate else int(round(hidden * 2.75 / 16) * 16)
+        policy = Policy()
         cfg = {"hidden": hidden, "intermediate": inter, "layers": layers, "batch": batch, "seq": seq,
-               "mlp": mlp, "attn": attn, "output_token_fraction": 0.0, "token_mode": "all_sparse",
-               "lora_rank": args.lora_rank, "vocab": args.vocab,
-               "estimator": f"policy defaults: MLP token_sample:120, VO token_sample:128, QK svd:{args.estimator_rank}"}
+               "mlp": mlp, "attn": attn, "output_token_fraction": args.output_fraction,
+               "token_mode": "output_dense" if args.output_fraction > 0 else "all_sparse",
+               "dense_layers": _ints(args.dense_layers), "lora_rank": args.lora_rank, "vocab": args.vocab,
+               "estimator": "policy defaults: " + ", ".join(
+                   f"{k} {policy.estimator_for(k).describe()}" for k in ("mlp", "attn_vo", "attn_qk"))}
         print(f"config {cfg} ...", flush=True)
         r = run_config(cfg, args)
         print(f"  speedup {r['speedup']:.2f}x, ideal {r['ideal_speedup']:.2f}x, efficiency {r['efficiency']:.2f}",

@@ -130,7 +130,7 @@ def build_report(ctx: Any) -> Report:
     groups = []
     for g in ctx.groups:
         gp = plan.for_group(g) if plan is not None else None
-        est = f"{gp.estimator.kind}:{gp.estimator.rank if gp.estimator.kind == 'svd' else gp.estimator.samples}" if gp else ""
+        est = gp.estimator.describe() if gp else ""
         groups.append(GroupInfo(kind=g.kind, name=g.name, units=[units[id(u)] for u in g.units],
                                 num_heads=g.num_heads, num_kv_heads=g.num_kv_heads, head_dim=g.head_dim,
                                 rope=g.rope, rotary_dim=g.rotary_dim, act=g.act,

@@ -214,10 +214,23 @@ def test_rule_matches_helper() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+def test_estimator_fraction_and_random_kinds() -> None:
+    spec = Policy.from_dict({"defaults": {"estimator": {"mlp": {"kind": "token_sample", "samples": 16,
+                                                                "fraction": 0.5}}}}).estimator_for("mlp")
+    assert (spec.samples, spec.fraction, spec.describe()) == (16, 0.5, "token_sample:16+50%")
+    assert EstimatorSpec("random", seed=3).to_dict() == {"kind": "random", "seed": 3}
+    with pytest.raises(PolicyError, match=r"fraction must be a number in \(0, 1\].*got 1.5"):
+        EstimatorSpec("token_sample", fraction=1.5)
+    with pytest.raises(PolicyError, match="'fraction' does not apply to estimator kind 'svd'"):
+        EstimatorSpec("svd", fraction=0.1)
+    with pytest.raises(PolicyError, match="'rank' does not apply to estimator kind 'random'"):
+        EstimatorSpec("random", rank=4)
+
+
 def test_estimator_forms() -> None:
-    p = Policy()  # the measured defaults: exact activations of 128 sampled tokens for MLP and V/O
-    assert p.estimator_for("gated_mlp") == EstimatorSpec("token_sample", samples=120)
-    assert p.estimator_for("attn_vo") == EstimatorSpec("token_sample", samples=128)
+    p = Policy()  # the measured defaults: exact activations of 3% of the tokens (>= 32), MLP and V/O
+    assert p.estimator_for("gated_mlp") == EstimatorSpec("token_sample", samples=32, fraction=0.03)
+    assert p.estimator_for("attn_vo") == EstimatorSpec("token_sample", samples=32, fraction=0.03)
     assert p.estimator_for("attn_qk") == EstimatorSpec("svd", rank=8)
     one = Policy.from_dict({"defaults": {"estimator": {"kind": "token_sample", "samples": 32}}})
     for kind in ("mlp", "attn_qk", "attn_vo"):
@@ -238,7 +251,7 @@ def test_estimator_forms() -> None:
     assert per.estimator_for("attn_vo") == per.estimator_for("attn_qk")
     partial = Policy(estimator={"attn_vo": EstimatorSpec("svd", rank=4)})
     assert partial.estimator_for("attn_vo").rank == 4
-    assert partial.estimator_for("mlp") == EstimatorSpec("token_sample", samples=120)
+    assert partial.estimator_for("mlp") == EstimatorSpec("token_sample", samples=32, fraction=0.03)
 
 
 @pytest.mark.parametrize(

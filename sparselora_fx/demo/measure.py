@@ -9,12 +9,13 @@ model in ``sparselora_fx.flops`` evaluated with the sparsities the backend's rep
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import statistics
 import threading
 import time
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
@@ -103,14 +104,34 @@ def layer_sparsities(reports: Iterable[Any], num_layers: int) -> list[dict[str, 
     return out
 
 
+def estimator_flops_args(spec: Any, tokens: int) -> tuple[str, int | None, int | None] | None:
+    """(estimator, k, samples) of the FLOPs model for a policy's EstimatorSpec at `tokens` tokens.
+
+    token_sample projects m = min(T, max(samples, ceil(fraction * T))) tokens exactly; random
+    costs nothing (None).
+    """
+    if spec.kind == "svd":
+        return "svd", spec.rank, None
+    if spec.kind == "token_sample":
+        m = spec.samples if not spec.fraction else max(spec.samples, math.ceil(spec.fraction * tokens - 1e-9))
+        return "sample", None, min(tokens, m)
+    return None
+
+
 def step_flops(shape: LayerShape, batch: int, seq: int, sparsities: Sequence[dict[str, float | None]],
-               estimator_rank: int = 8, f_out: float = 0.0) -> int:
+               estimators: Mapping[str, Any] | None = None, f_out: float = 0.0) -> int:
     """Executed FLOPs of one training step (forward, backward, estimator) for a per-layer policy.
 
-    Why: ``flops_sparselora`` takes one sparsity for all layers; demo policies keep the first
-    and last layers dense. Each layer is evaluated alone (layer 0 sees a frozen embedding:
-    no input gradient) and the LM head is added once. All-None sparsities give dense LoRA.
+    Why: ``flops_sparselora`` takes one sparsity and one estimator for all layers and groups;
+    demo policies keep the first and last layers dense and use a different estimator per group
+    kind. Each layer is evaluated alone (layer 0 sees a frozen embedding: no input gradient),
+    each sparse group kind adds its own estimator's cost, and the LM head is added once.
+    ``estimators`` maps "mlp" / "attn_qk" / "attn_vo" to EstimatorSpecs (default: the policy
+    defaults). All-None sparsities give dense LoRA.
     """
+    from ..policy import DEFAULT_ESTIMATORS
+
+    estimators = dict(DEFAULT_ESTIMATORS if estimators is None else estimators)
     total = 0
     head = 0
     for i, s in enumerate(sparsities):
@@ -118,10 +139,18 @@ def step_flops(shape: LayerShape, batch: int, seq: int, sparsities: Sequence[dic
             exprs = flops_dense_lora(shape, batch, seq, n_layers=1, input_grad=i > 0)
         else:
             exprs = flops_sparselora(shape, batch, seq, s["mlp"], s["attn_qk"], s["attn_vo"], f_out,
-                                     estimator_rank, n_layers=1, input_grad=i > 0)
-        vals = evaluate({"total": exprs["total"], "lm_head": exprs["lm_head"]})
-        total += vals["total"] - vals["lm_head"]
+                                     8, n_layers=1, input_grad=i > 0)
+        vals = evaluate({"total": exprs["total"], "lm_head": exprs["lm_head"], "estimator": exprs["estimator"]})
+        total += vals["total"] - vals["lm_head"] - vals["estimator"]
         head = vals["lm_head"]
+        for kind, sparsity in s.items():
+            args = None if sparsity is None else estimator_flops_args(estimators[kind], batch * seq)
+            if args is None:
+                continue
+            only = {k: (sparsity if k == kind else None) for k in ("mlp", "attn_qk", "attn_vo")}
+            est = flops_sparselora(shape, batch, seq, only["mlp"], only["attn_qk"], only["attn_vo"], f_out,
+                                   args[1], args[0], args[2], n_layers=1, input_grad=i > 0)["estimator"]
+            total += evaluate({"estimator": est})["estimator"]
     return total + head
 
 

@@ -287,8 +287,8 @@ def _flops(model: torch.nn.Module, cfg: DemoConfig, sparsities: list[dict[str, f
         shape = LayerShape.from_hf_config(model.config, cfg.lora_rank)
     except FlopsModelError:
         return None
-    rank = policy.estimator_for("mlp").rank or 8  # FLOPs model: the SVD estimator's cost
-    return measure.step_flops(shape, cfg.batch, cfg.seq, sparsities, estimator_rank=rank)
+    estimators = {kind: policy.estimator_for(kind) for kind in ("mlp", "attn_qk", "attn_vo")}
+    return measure.step_flops(shape, cfg.batch, cfg.seq, sparsities, estimators)
 
 
 # ------------------------------------------------------------------------------------- outputs

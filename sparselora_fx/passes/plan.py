@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..runtime.estimators import describe_estimator
 from ..runtime.selection import keep_count
 from .groups import Group, Skipped
 
@@ -18,6 +19,11 @@ class EstimatorChoice:
     rank: int = 8
     samples: int = 64
     seed: int = 0
+    fraction: float = 0.0
+
+    def describe(self) -> str:
+        """Short text for tables, e.g. `token_sample:32+3%`."""
+        return describe_estimator(self.kind, self.rank, self.samples, self.fraction)
 
 
 @dataclass
@@ -75,7 +81,8 @@ def make_plan(groups: list[Group], policy: Any, estimator_rank: int | None = Non
             continue
         est = policy.estimator_for(group.policy_kind)
         rank = estimator_rank if (estimator_rank and est.kind == "svd") else (est.rank or 8)
-        choice = EstimatorChoice(kind=est.kind, rank=rank, samples=est.samples or 64, seed=est.seed or 0)
+        choice = EstimatorChoice(kind=est.kind, rank=rank, samples=est.samples or 64, seed=est.seed or 0,
+                                 fraction=est.fraction or 0.0)
         if group.kind == "attn_qk":
             rot, passthrough = qk_units(group)
             keep = keep_count(rot, sparsity)

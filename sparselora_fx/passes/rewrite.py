@@ -141,9 +141,9 @@ def _split_mlp_tokens(group: Group, split: TokenSplit) -> None:
     out.replace_all_uses_with(merged, delete_user_cb=lambda user: user is not merged)
 
 
-def _estimator_args(gp: GroupPlan) -> tuple[str, int, int, int]:
+def _estimator_args(gp: GroupPlan) -> tuple[str, int, int, int, float]:
     e = gp.estimator
-    return e.kind, e.rank, e.samples, e.seed
+    return e.kind, e.rank, e.samples, e.seed, e.fraction
 
 
 def _rewrite_mlp(gp: GroupPlan, mask: Node | None, split: TokenSplit | None = None) -> None:

@@ -14,6 +14,11 @@ Kinds:
   default); falls back to ``token_sample`` with one warning if the factors are unusable.
 - ``token_sample``: the exact `x[s] W^T + b` on `m` tokens sampled among the unmasked ones,
   deterministic for a seed, with no host sync (usable inside torch.compile, dynamic shapes).
+  `m = samples`, or with `fraction` set `m = max(samples, ceil(fraction * T))`: a sample that
+  grows with the micro-batch keeps the estimator a fixed share of the layer's GEMM work.
+- ``random``: uniform random scores, a fresh draw per call (deterministic for a seed and call
+  order). A baseline for accuracy studies (what selection without information costs), never a
+  choice for training.
 """
 
 from __future__ import annotations
@@ -34,17 +39,21 @@ from . import factor_cache
 
 __all__ = [
     "Estimator",
+    "describe_estimator",
     "SvdEstimator",
+    "RandomEstimator",
     "TokenSampleEstimator",
     "estimator_kinds",
     "get_estimator",
     "register_estimator",
+    "reset_random_estimators",
     "sample_tokens",
 ]
 
 log = logging.getLogger("sparselora_fx")
 
 _M31 = (1 << 31) - 1
+_FRACTION_GRID = 1 << 20
 
 Linear = tuple[torch.Tensor, "torch.Tensor | None"]
 
@@ -124,7 +133,7 @@ def sample_tokens(
     get key -1, so top-m picks real tokens first; when fewer than m real tokens exist, the padded
     picks come back with validity 0. Returns (picks int64 [m'], validity bool [m'] or None).
     """
-    m = torch.sym_min(int(samples), num_tokens)
+    m = torch.sym_min(samples if isinstance(samples, torch.SymInt) else int(samples), num_tokens)
     pos = torch.arange(num_tokens, device=device, dtype=torch.int64)
     # Host-side mixing of the seed into a 31-bit offset (seed is a static Python int).
     s = (int(seed) * 0x9E3779B1 + 0x7F4A7C15) & _M31
@@ -148,18 +157,36 @@ def sample_tokens(
 
 @dataclasses.dataclass(frozen=True)
 class TokenSampleEstimator(Estimator):
-    """Exact output on `samples` tokens sampled among the unmasked ones (m = all -> exact)."""
+    """Exact output on m sampled tokens among the unmasked ones (m >= T -> exact).
+
+    m = `samples`, or with `fraction` > 0, max(`samples`, ceil(`fraction` * T)) for T rows.
+    """
 
     kind: ClassVar[str] = "token_sample"
     samples: int = 64
     seed: int = 0
+    fraction: float = 0.0
+    # The fraction on a 2**-20 grid, as an int: traced code never branches on a float attribute
+    # (Dynamo would make it a symbolic float and restart the frame).
+    _grid_fraction: int = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_grid_fraction", round(float(self.fraction) * _FRACTION_GRID))
+
+    def sample_count(self, num_tokens: int | torch.SymInt) -> int | torch.SymInt:
+        """How many tokens to sample from `num_tokens` rows (before clamping to the rows)."""
+        if self._grid_fraction == 0:
+            return self.samples
+        # Integer ceil on the grid: works for a symbolic T and never rounds 0.03 * T down.
+        return torch.sym_max(self.samples, (num_tokens * self._grid_fraction + _FRACTION_GRID - 1) // _FRACTION_GRID)
 
     def estimate(self, x2d, weight, bias, mask=None):
         return self.estimate_many(x2d, [(weight, bias)], mask)[0]
 
     def estimate_many(self, x2d, linears, mask=None):
         _check_inputs(x2d, mask)
-        picks, valid = sample_tokens(x2d.shape[0], self.samples, self.seed, mask, x2d.device)
+        m = self.sample_count(x2d.shape[0])
+        picks, valid = sample_tokens(x2d.shape[0], m, self.seed, mask, x2d.device)
         xs = x2d.index_select(0, picks)
         outs = []
         for weight, bias in linears:
@@ -216,18 +243,21 @@ class SvdEstimator(Estimator):
 
     def column_norms(self, x2d, linears, mask=None):
         # ||x P Q_c + b_c||^2 over tokens = [Q; b]_c^T G [Q; b]_c with G = Z^T Z, Z = [x P, 1]
-        # (masked rows zeroed): a [k+1, k+1] Gram matrix instead of the [T, out] estimate.
-        if any(factor_cache.get_factors(w, self.rank) is None for w, _ in linears):
+        # (masked rows zeroed): a [k+1, k+1] Gram matrix instead of the [T, out] estimate. The
+        # projections x P of all linears come from one GEMM: x is read once (memory-bound on CPU).
+        factors = [factor_cache.get_factors(w, self.rank) for w, _ in linears]
+        if any(f is None for f in factors):
             return self._fallback(linears[0][0]).column_norms(x2d, linears, mask)
-        out = []
-        row = _row_weight(mask, torch.float32 if x2d.dtype != torch.float64 else x2d.dtype)
-        for weight, bias in linears:
-            p, q = factor_cache.get_factors(weight, self.rank)
-            z = _wide(x2d) @ _wide(p).to(_wide(x2d).dtype)
-            q = _wide(q).to(z.dtype)
-            ones = torch.ones(z.shape[0], 1, dtype=z.dtype, device=z.device)
-            if row is not None:
-                z, ones = z * row[:, None].to(z.dtype), ones * row[:, None].to(z.dtype)
+        xw = _wide(x2d)
+        z_all = xw @ torch.cat([p.to(xw.dtype) for p, _ in factors], dim=1)
+        row = _row_weight(mask, z_all.dtype)
+        if row is not None:
+            z_all = z_all * row[:, None]
+        ones = torch.ones(z_all.shape[0], 1, dtype=z_all.dtype, device=z_all.device) if row is None else row[:, None]
+        out, start = [], 0
+        for (p, q), (_, bias) in zip(factors, linears):
+            z, start = z_all[:, start:start + p.shape[1]], start + p.shape[1]
+            q = q.to(z.dtype)
             if bias is not None:
                 z = torch.cat([z, ones], dim=1)
                 q = torch.cat([q, bias.to(z.dtype)[None, :]], dim=0)
@@ -243,6 +273,40 @@ class SvdEstimator(Estimator):
         return [self.estimate(x2d, w, b, mask) for w, b in linears]
 
 
+@dataclasses.dataclass(frozen=True)
+class RandomEstimator(Estimator):
+    """Uniform random scores in [0, 1): channel choice without information (a study baseline).
+
+    One row per linear, drawn from a CPU generator seeded once per `seed` and advanced by every
+    call, so each micro-batch gets a fresh selection and a rerun repeats the sequence.
+    """
+
+    kind: ClassVar[str] = "random"
+    seed: int = 0
+
+    def estimate(self, x2d, weight, bias, mask=None):
+        return self.estimate_many(x2d, [(weight, bias)], mask)[0]
+
+    def estimate_many(self, x2d, linears, mask=None):
+        _check_inputs(x2d, mask)
+        gen = _random_generator(self.seed)
+        dtype = _wide(x2d).dtype
+        return [torch.rand(1, w.shape[0], generator=gen, dtype=dtype).to(x2d.device) for w, _ in linears]
+
+    def column_norms(self, x2d, linears, mask=None):
+        return [y[0] for y in self.estimate_many(x2d, linears, mask)]
+
+
+@functools.lru_cache(maxsize=None)
+def _random_generator(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(seed))
+
+
+def reset_random_estimators() -> None:
+    """Restart every random estimator's sequence (tests and studies that rerun a training)."""
+    _random_generator.cache_clear()
+
+
 _REGISTRY: dict[str, type[Estimator]] = {}
 
 
@@ -256,6 +320,17 @@ def register_estimator(cls: type[Estimator]) -> type[Estimator]:
 
 register_estimator(SvdEstimator)
 register_estimator(TokenSampleEstimator)
+register_estimator(RandomEstimator)
+
+
+def describe_estimator(kind: str, rank: int | None = None, samples: int | None = None,
+                       fraction: float | None = None) -> str:
+    """Short text for tables: `svd:8`, `token_sample:120`, `token_sample:32+3%`, `random`."""
+    if kind == "svd":
+        return f"svd:{rank}"
+    if kind == "token_sample":
+        return f"token_sample:{samples}" + (f"+{100 * fraction:g}%" if fraction else "")
+    return kind
 
 
 def estimator_kinds() -> tuple[str, ...]:
@@ -277,12 +352,12 @@ def _build(kind: str, items: tuple[tuple[str, object], ...]) -> Estimator:
     return cls(**{k: v for k, v in items if k in own})
 
 
-def get_estimator(kind: str, **params: int) -> Estimator:
-    """The estimator of `kind` configured by `params` (rank, samples, seed).
+def get_estimator(kind: str, **params: int | float) -> Estimator:
+    """The estimator of `kind` configured by `params` (rank, samples, seed, fraction).
 
     Parameters known to some kind but not this one are ignored (the selection ops pass the same
-    knobs to every kind); names no kind knows, non-integers or values < 1 (rank, samples) are
-    errors, as is an unknown kind.
+    knobs to every kind); names no kind knows, non-integers or values < 1 (rank, samples), a
+    fraction outside [0, 1] are errors, as is an unknown kind.
     """
     if kind not in _REGISTRY:
         raise OptionsError(
@@ -296,6 +371,13 @@ def get_estimator(kind: str, **params: int) -> Estimator:
             f"accepted: {sorted(_param_names())}."
         )
     for name, value in params.items():
+        if name == "fraction":
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise OptionsError(
+                    f"estimator {kind!r}: fraction={value!r} must be a number in [0, 1] "
+                    "(the share of a micro-batch's tokens to sample; 0 = use `samples` alone)."
+                )
+            continue
         if isinstance(value, bool) or not isinstance(value, int):
             raise OptionsError(
                 f"estimator {kind!r}: parameter {name}={value!r} must be an int."
@@ -304,4 +386,6 @@ def get_estimator(kind: str, **params: int) -> Estimator:
             raise OptionsError(
                 f"estimator {kind!r}: parameter {name}={value} must be >= 1."
             )
+    if "fraction" in params:
+        params = {**params, "fraction": float(params["fraction"])}
     return _build(kind, tuple(sorted(params.items())))

@@ -347,8 +347,8 @@ def _check_qk(x_q, w_q, b_q, x_k, w_k, b_k, keep_rot, keep_pass, num_heads, num_
     return qk_keep_channels(head_dim, rotary_dim, rope, keep_rot, keep_pass)
 
 
-def _estimator(estimator: str, rank: int, samples: int, seed: int) -> Estimator:
-    return get_estimator(estimator, rank=rank, samples=samples, seed=seed)
+def _estimator(estimator: str, rank: int, samples: int, seed: int, fraction: float = 0.0) -> Estimator:
+    return get_estimator(estimator, rank=rank, samples=samples, seed=seed, fraction=fraction)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,19 +369,20 @@ def select_mlp(
     rank: int = 8,
     samples: int = 64,
     seed: int = 0,
+    fraction: float = 0.0,
 ) -> torch.Tensor:
     """Sorted int64 [keep]: the intermediate channels of a gated (w2 = up) or plain MLP to keep."""
     _check_mlp(x, w1, b1, w2, b2, keep, act)
-    est = _estimator(estimator, rank, samples, seed)
+    est = _estimator(estimator, rank, samples, seed, fraction)
     with torch.no_grad():
         scores = mlp_scores(x.detach(), w1, b1, w2, b2, mask, act, est)
         return _record("select_mlp", topk_sorted(scores, keep))
 
 
 @select_mlp.register_fake
-def _(x, w1, b1, w2, b2, mask, keep, act, estimator="svd", rank=8, samples=64, seed=0):
+def _(x, w1, b1, w2, b2, mask, keep, act, estimator="svd", rank=8, samples=64, seed=0, fraction=0.0):
     _check_mlp(x, w1, b1, w2, b2, keep, act)
-    _estimator(estimator, rank, samples, seed)
+    _estimator(estimator, rank, samples, seed, fraction)
     return x.new_empty((keep,), dtype=torch.int64)
 
 
@@ -399,10 +400,11 @@ def select_vo(
     rank: int = 8,
     samples: int = 64,
     seed: int = 0,
+    fraction: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(idx_v [keep], idx_o [keep * g]): V output channels and the matching O input channels."""
     _check_vo(x, w_v, b_v, keep, num_heads, num_kv_heads, head_dim)
-    est = _estimator(estimator, rank, samples, seed)
+    est = _estimator(estimator, rank, samples, seed, fraction)
     with torch.no_grad():
         idx_v = topk_sorted(vo_scores(x.detach(), w_v, b_v, mask, est), keep)
         return _record("select_vo", (idx_v, kv_to_q_channels(idx_v, num_heads, num_kv_heads, head_dim)))
@@ -410,9 +412,9 @@ def select_vo(
 
 @select_vo.register_fake
 def _(x, w_v, b_v, mask, keep, num_heads, num_kv_heads, head_dim, estimator="svd", rank=8,
-      samples=64, seed=0):
+      samples=64, seed=0, fraction=0.0):
     n_o = _check_vo(x, w_v, b_v, keep, num_heads, num_kv_heads, head_dim)
-    _estimator(estimator, rank, samples, seed)
+    _estimator(estimator, rank, samples, seed, fraction)
     return x.new_empty((keep,), dtype=torch.int64), x.new_empty((n_o,), dtype=torch.int64)
 
 
@@ -436,12 +438,13 @@ def select_qk(
     rank: int = 8,
     samples: int = 64,
     seed: int = 0,
+    fraction: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(idx_q [num_heads*keep_ch], idx_k [num_kv_heads*keep_ch]): the same head dims for K head
     j and every q head of its group, RoPE pairs kept together."""
     _check_qk(x_q, w_q, b_q, x_k, w_k, b_k, keep_rot, keep_pass, num_heads, num_kv_heads,
               head_dim, rope, rotary_dim)
-    est = _estimator(estimator, rank, samples, seed)
+    est = _estimator(estimator, rank, samples, seed, fraction)
     with torch.no_grad():
         xq2d, mq = _flatten(x_q.detach(), mask)
         xk2d, mk = _flatten(x_k.detach(), mask)
@@ -457,10 +460,10 @@ def select_qk(
 
 @select_qk.register_fake
 def _(x_q, w_q, b_q, x_k, w_k, b_k, mask, keep_rot, keep_pass, num_heads, num_kv_heads, head_dim,
-      rope, rotary_dim, estimator="svd", rank=8, samples=64, seed=0):
+      rope, rotary_dim, estimator="svd", rank=8, samples=64, seed=0, fraction=0.0):
     keep_ch = _check_qk(x_q, w_q, b_q, x_k, w_k, b_k, keep_rot, keep_pass, num_heads,
                         num_kv_heads, head_dim, rope, rotary_dim)
-    _estimator(estimator, rank, samples, seed)
+    _estimator(estimator, rank, samples, seed, fraction)
     return (
         x_q.new_empty((num_heads * keep_ch,), dtype=torch.int64),
         x_q.new_empty((num_kv_heads * keep_ch,), dtype=torch.int64),

@@ -147,10 +147,11 @@ def test_token_sample_clamps_to_token_count():
     assert y.shape == (5, 8)
 
 
-def test_token_sample_no_recompiles_over_token_counts():
+@pytest.mark.parametrize("fraction", [0.0, 0.25])
+def test_token_sample_no_recompiles_over_token_counts(fraction):
     # sizes chosen distinct from every token count (duck sizing would tie equal sizes together)
     w, b = _linear(13, 5, seed=12)
-    est = E.TokenSampleEstimator(samples=16, seed=3)
+    est = E.TokenSampleEstimator(samples=16 if not fraction else 4, seed=3, fraction=fraction)
 
     def fn(x, mask):
         return est.estimate(x, w, b, mask).norm(dim=0)
@@ -466,3 +467,52 @@ def test_column_norms_equal_the_norms_of_the_estimate(kind: str, with_bias: bool
     (got,) = est.column_norms(x, [(w, b)], mask)
     want = est.estimate(x, w, b, mask).norm(dim=0)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_column_norms_of_several_linears_share_one_projection() -> None:
+    """Q and K are scored together (one x @ [P_q | P_k] GEMM): each equals its own estimate's norms."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(29, 12, generator=g, dtype=torch.float64)
+    wq, wk = torch.randn(10, 12, generator=g, dtype=torch.float64), torch.randn(6, 12, generator=g, dtype=torch.float64)
+    bk = torch.randn(6, generator=g, dtype=torch.float64)
+    mask = (torch.arange(29) % 3 != 0).to(torch.float64)
+    est = E.get_estimator("svd", rank=3)
+    got = est.column_norms(x, [(wq, None), (wk, bk)], mask)
+    for (w, b), norms in zip([(wq, None), (wk, bk)], got):
+        torch.testing.assert_close(norms, est.estimate(x, w, b, mask).norm(dim=0), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("tokens, want", [(10, 4), (100, 4), (1000, 30), (1001, 31), (4096, 123)])
+def test_token_sample_fraction_scales_with_the_batch(tokens: int, want: int) -> None:
+    """m = max(samples, ceil(fraction * T)), clamped to T: 3% of 1000 is exactly 30, of 1001 rounds up."""
+    est = E.get_estimator("token_sample", samples=4, fraction=0.03)
+    assert est.sample_count(tokens) == want
+    w, b = _linear(7, 5, seed=20)
+    x = torch.randn(tokens, 5, generator=_gen(21))
+    assert est.estimate(x, w, b).shape == (min(want, tokens), 7)
+
+
+def test_token_sample_fraction_one_is_the_oracle() -> None:
+    w, b = _linear(11, 6, seed=22)
+    x = torch.randn(40, 6, generator=_gen(23))
+    mask = (torch.arange(40) % 7 != 0).float()
+    y = E.get_estimator("token_sample", samples=1, fraction=1.0).estimate(x, w, b, mask)
+    assert _top(y, 5) == _oracle_top(x, w, b, mask, 5)
+
+
+def test_token_sample_fraction_bad_values_are_errors() -> None:
+    with pytest.raises(OptionsError, match=r"fraction=1.5 must be a number in \[0, 1\]"):
+        E.get_estimator("token_sample", fraction=1.5)
+
+
+def test_random_estimator_draws_fresh_scores_each_call_and_repeats_after_reset() -> None:
+    w, b = _linear(50, 6, seed=24)
+    x = torch.randn(9, 6, generator=_gen(25))
+    est = E.get_estimator("random", seed=7)
+    E.reset_random_estimators()
+    first = [_top(est.estimate(x, w, b), 10) for _ in range(3)]
+    assert first[0] != first[1] != first[2]
+    E.reset_random_estimators()
+    assert [_top(est.estimate(x, w, b), 10) for _ in range(3)] == first
+    (norms,) = est.column_norms(x, [(w, b)])
+    assert norms.shape == (50,) and bool(((norms >= 0) & (norms < 1)).all())
