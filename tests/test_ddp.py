@@ -2,20 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
+
+from tests._dist import report_summary, run_ranks
 
 STEPS = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _train(mode: str, rank: int) -> tuple[dict, list]:
@@ -43,33 +36,22 @@ def _train(mode: str, rank: int) -> tuple[dict, list]:
         opt.zero_grad(set_to_none=True)
         losses.append(loss.detach())
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    reports = [{"groups": len(r.groups), "units": [u.fqn for u in r.units],
-                "grouped": [u.fqn for g in r.groups for u in g.units],
-                "skipped": [(s.name, s.reason) for s in r.skipped]} for r in LAST_REPORTS]
-    return {"losses": torch.stack(losses), "lora": lora}, reports
+    return {"losses": torch.stack(losses), "lora": lora}, report_summary(LAST_REPORTS)
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, out_dir: Path) -> None:
     """One rank: plain DDP, then the backend at sparsity 0 and 0.5; saves losses, LoRA weights, reports."""
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), SPARSELORA_STRICT="1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        for mode in ("plain", "sparse0", "sparse5"):
-            result, reports = _train(mode, rank)
-            torch.save(result, Path(out_dir) / f"{mode}-{rank}.pt")
-            (Path(out_dir) / f"{mode}-{rank}.reports").write_text(repr(reports))
-    finally:
-        dist.destroy_process_group()
+    for mode in ("plain", "sparse0", "sparse5"):
+        result, reports = _train(mode, rank)
+        torch.save(result, out_dir / f"{mode}-{rank}.pt")
+        (out_dir / f"{mode}-{rank}.reports").write_text(repr(reports))
 
 
 def test_ddp_sparsity0_equals_plain_ddp_and_sparse_run_reports(tmp_path: Path) -> None:
     """Plain DDP vs the backend under DDPOptimizer (default graph splitting), 2 ranks on gloo."""
     import ast
 
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_worker, tmp_path)
     load = lambda mode, r: torch.load(tmp_path / f"{mode}-{r}.pt", weights_only=True)  # noqa: E731
     for rank in range(2):
         plain, ours = load("plain", rank), load("sparse0", rank)

@@ -140,7 +140,10 @@ def _compute_fingerprint(weight: torch.Tensor) -> str:
         sample = w[pos // cols, pos % cols]
     else:
         sample = w.reshape(-1)
-    raw = sample.contiguous().cpu().view(torch.uint8).numpy().tobytes()
+    # Always a private host copy: `.numpy()` marks the storage it views non-resizable for good, and
+    # FSDP2 frees its unsharded parameters with `storage.resize_(0)` after each forward.
+    host = sample.to("cpu", copy=True).contiguous()
+    raw = host.view(torch.uint8).numpy().tobytes()
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{tuple(w.shape)}|{w.dtype}|{n}|".encode())
     h.update(raw)
