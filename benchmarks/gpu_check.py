@@ -17,7 +17,10 @@ instead of losing the run:
    on every linear, batch 8 x 512; three sides: dense LoRA under torch.compile (Inductor),
    sparselora with index_select + cuBLAS (SPARSELORA_DISABLE_TRITON=1, read per op call: the
    same compiled model serves both sparse sides), sparselora with our kernels. Steps are
-   interleaved, median of >= 10 after warm-up. Ideals: FLOPs (sparselora_fx.flops) and time
+   interleaved, median of >= 10 after warm-up. The path is fixed when a graph compiles (on CUDA the
+   kernels go into Inductor's code, runtime/lowering.py), so the two sparse sides compile separately;
+   each records which path ran: `triton_op` (kernel in the compiled graph), `extern` (opaque op whose
+   eager body launches the kernel; SPARSELORA_TRITON_LOWERING=0) or `torch` (index_select + mm). Ideals: FLOPs (sparselora_fx.flops) and time
    (dense step - time of the GEMMs that go sparse + cuBLAS time of the same GEMMs on
    pre-gathered weights, each measured alone); efficiency = speedup / ideal, against the
    paper's 0.73 (1.6x measured / 2.2x FLOPs).
@@ -197,6 +200,7 @@ def phase_env(args: argparse.Namespace, dev: torch.device, res: dict[str, Any], 
     from sparselora_fx.runtime import kernels
 
     env["has_triton"] = kernels.HAS_TRITON
+    env["compiled_path"] = _compiled_path(dev)
     env["triton_interpret"] = os.environ.get("TRITON_INTERPRET", "")
     if dev.type == "cuda":
         prop = torch.cuda.get_device_properties(dev)
@@ -323,6 +327,15 @@ def phase_kernels(args: argparse.Namespace, dev: torch.device, res: dict[str, An
             rec["seconds"] = time.monotonic() - t0
             records.append(rec)
     return ""
+
+
+def _compiled_path(dev: torch.device) -> str:
+    """What a compiled graph on `dev` will run for the ops now: triton_op, extern (kernel) or torch."""
+    from sparselora_fx.runtime import kernels, lowering
+
+    if lowering.is_registered() and kernels.lowering_enabled(dev):
+        return "triton_op"
+    return "extern" if kernels.kernels_enabled(dev) else "torch"
 
 
 def _op_path(dev: torch.device, dtype: torch.dtype) -> str:
@@ -541,6 +554,7 @@ class Side:
     def __init__(self, name: str, compiled: Any, model: torch.nn.Module, cfg: dict[str, Any], dev: torch.device,
                  disable_triton: bool = False) -> None:
         self.name, self.compiled, self.model, self.dev, self.disable = name, compiled, model, dev, disable_triton
+        self.lowered = 0  # ops swapped for the Triton kernel while this side compiled (runtime/lowering.py)
         self.opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
         gen = torch.Generator().manual_seed(1)
         ids = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]), generator=gen).to(dev)
@@ -549,8 +563,11 @@ class Side:
         self.losses: list[float] = []
 
     def step(self) -> float:
+        from sparselora_fx.runtime.lowering import LOWERED
+
         with triton_disabled(self.disable):
             _sync(self.dev)
+            lowered = sum(LOWERED.values())
             t0 = time.perf_counter()
             loss = self.compiled(**self.batch).loss
             loss.backward()
@@ -558,6 +575,7 @@ class Side:
             self.opt.zero_grad(set_to_none=True)
             _sync(self.dev)
             dt = time.perf_counter() - t0
+            self.lowered += sum(LOWERED.values()) - lowered
         self.losses.append(float(loss.detach()))
         return dt
 
@@ -590,7 +608,7 @@ def phase_train(args: argparse.Namespace, cfg: dict[str, Any], dev: torch.device
         params = cfg["layers"] * (2 * cfg["hidden"] * cfg["heads"] * cfg["head_dim"]
                                   + 2 * cfg["hidden"] * cfg["kv_heads"] * cfg["head_dim"]
                                   + 3 * cfg["hidden"] * cfg["intermediate"]) + 2 * cfg["vocab"] * cfg["hidden"]
-        need = 2 * params * 2 * 2 + 24 * 2**30  # two bf16 models (fp32 build transient) + activations/workspace
+        need = 3 * params * 2 * 2 + 24 * 2**30  # three bf16 models (fp32 build transient) + activations/workspace
         train["memory_guard"] = {"free_gib": free / 2**30, "need_gib": need / 2**30}
         if free < need:
             return f"skipped: {free / 2**30:.0f} GiB free, the guard wants {need / 2**30:.0f} GiB"
@@ -604,24 +622,29 @@ def phase_train(args: argparse.Namespace, cfg: dict[str, Any], dev: torch.device
     model_d = build_model(cfg, dtype, dev)
     dense = Side("dense", torch.compile(model_d, backend=dense_backend, dynamic=False), model_d, cfg, dev)
     model_s = build_model(cfg, dtype, dev)
-    n_reports = len(LAST_REPORTS)
-    compiled_s = torch.compile(model_s, backend="sparselora", dynamic=False,
-                               options={"policy": policy, "progress": False, **inner})
-    sparse_torch = Side("sparselora_torch", compiled_s, model_s, cfg, dev, disable_triton=True)
+    model_t = build_model(cfg, dtype, dev)  # same seed: the same weights as model_s
+    n_reports = n_kern_reports = len(LAST_REPORTS)
+    sparse_opts = {"policy": policy, "progress": False, **inner}
+    compiled_s = torch.compile(model_s, backend="sparselora", dynamic=False, options=sparse_opts)
+    compiled_t = torch.compile(model_t, backend="sparselora", dynamic=False, options=dict(sparse_opts))
+    sparse_torch = Side("sparselora_torch", compiled_t, model_t, cfg, dev, disable_triton=True)
     sparse_kern = Side("sparselora_kernels", compiled_s, model_s, cfg, dev, disable_triton=False)
     train["build_s"] = time.monotonic() - t0
     sides = [dense, sparse_torch, sparse_kern]
     out_sides: dict[str, Any] = train.setdefault("sides", {})
-    # First steps compile (both sparse sides share one compiled graph: the env is read per op call).
-    for side in (dense, sparse_kern):
+    # First steps compile. The path is fixed at compile time (the kernel goes into the graph), so
+    # each sparse side compiles its own model, the torch side with SPARSELORA_DISABLE_TRITON=1 set.
+    for side in (dense, sparse_kern, sparse_torch):
         if budget.left() < 20:
             return f"cut before compiling {side.name}: {budget.left():.0f} s left"
         try:
             out_sides[side.name] = {"compile_step_s": side.step()}
         except Exception as e:
             out_sides[side.name] = {"error": f"{type(e).__name__}: {e}"[:600], "trace": traceback.format_exc()[-2000:]}
+        if side is sparse_kern:
+            n_kern_reports = len(LAST_REPORTS)
         save()
-    reports = LAST_REPORTS[n_reports:]
+    reports = LAST_REPORTS[n_reports:n_kern_reports]  # the torch side compiles the same graphs again
     train["report"] = [r.counts() for r in reports]
     train["groups"] = [{"name": gi.name, "kind": gi.kind, "sparsity": gi.sparsity, "keep": gi.keep,
                         "channels": gi.channels} for r in reports for gi in r.groups]
@@ -632,20 +655,24 @@ def phase_train(args: argparse.Namespace, cfg: dict[str, Any], dev: torch.device
     if not train["keep_matches_plan"]:
         res["notes"].append(f"train: the plan's keep counts {got} differ from the ones the op and time-ideal "
                             f"GEMMs assume {exp}: the time-based ideal is off by that much")
-    sparse_ok = "error" not in out_sides.get(sparse_kern.name, {"error": "not compiled"})
-    ok = [s for s in sides if "error" not in out_sides.get(s.name if s is not sparse_torch else sparse_kern.name,
-                                                           {"error": "not compiled"})]
-    # The env switch, checked per call: one step each way, counting calls into the kernel wrappers.
+    sparse_ok = all("error" not in out_sides.get(s.name, {"error": "not compiled"}) for s in (sparse_torch, sparse_kern))
+    ok = [s for s in sides if "error" not in out_sides.get(s.name, {"error": "not compiled"})]
+    # Which path each sparse side runs: kernels in the compiled graph (counted while it compiled),
+    # or calls into the kernel wrappers from the extern ops (counted over one step).
     if sparse_ok:
         check: dict[str, Any] = {}
         for side in (sparse_torch, sparse_kern):
             with count_kernel_calls() as counts:
                 side.step()
-            check[side.name] = dict(counts)
+            calls = sum(counts.values())
+            path = "triton_op" if side.lowered else ("extern" if calls else "torch")
+            check[side.name] = {**counts, "lowered_ops": side.lowered, "path": path}
+            out_sides[side.name]["path"] = path
         expect_kernels = dev.type == "cuda"
         check["kernels_expected"] = expect_kernels
-        check["passed"] = (sum(check["sparselora_torch"].values()) == 0
-                           and (sum(check["sparselora_kernels"].values()) > 0) == expect_kernels)
+        check["expected_kernel_path"] = _compiled_path(dev)
+        check["passed"] = (check["sparselora_torch"]["path"] == "torch"
+                           and (check["sparselora_kernels"]["path"] != "torch") == expect_kernels)
         train["env_switch_check"] = check
     for _ in range(args.warmup):
         for side in ok:
@@ -686,7 +713,7 @@ def phase_train(args: argparse.Namespace, cfg: dict[str, Any], dev: torch.device
                 rec["efficiency_time"] = rec["speedup"] / t_ideal["ideal"]
             rec["paired_speedups"] = [a / b for a, b in zip(dense.times, (sparse_torch if name.endswith("torch")
                                                                           else sparse_kern).times)]
-    del model_d, model_s, dense, sparse_torch, sparse_kern, sides, ok, compiled_s
+    del model_d, model_s, model_t, dense, sparse_torch, sparse_kern, sides, ok, compiled_s, compiled_t
     if done < args.steps:
         return f"budget: {done} of {args.steps} timed rounds ran"
     return ""
@@ -766,15 +793,15 @@ def markdown(res: dict[str, Any]) -> str:
         rows = []
         for name, s in sides.items():
             if "error" in s:
-                rows.append([name, "error: " + s["error"][:100]] + [""] * 6)
+                rows.append([name, "error: " + s["error"][:100]] + [""] * 7)
                 continue
-            rows.append([name, f"{1e3 * s.get('step_s', float('nan')):.1f}",
+            rows.append([name, s.get("path", ""), f"{1e3 * s.get('step_s', float('nan')):.1f}",
                          f"{1e3 * s.get('min_s', float('nan')):.1f}-{1e3 * s.get('max_s', float('nan')):.1f}",
                          s.get("n", 0), f"{s['speedup']:.2f}x" if "speedup" in s else "",
                          f"{s['efficiency_flops']:.2f}" if "efficiency_flops" in s else "",
                          f"{s['efficiency_time']:.2f}" if "efficiency_time" in s else "",
                          f"{s['peak_step_mem_gib']:.1f}" if "peak_step_mem_gib" in s else ""])
-        lines.append(tabulate(rows, headers=["side", "median ms", "min-max ms", "n", "speedup", "eff. (FLOPs)",
+        lines.append(tabulate(rows, headers=["side", "path", "median ms", "min-max ms", "n", "speedup", "eff. (FLOPs)",
                                              "eff. (time)", "peak step GiB"], tablefmt="github"))
         fl, ti = tr.get("flops", {}), tr.get("time_ideal", {})
         if fl:
@@ -785,9 +812,9 @@ def markdown(res: dict[str, Any]) -> str:
                           + f". Paper's efficiency: {PAPER_EFFICIENCY}."]
         chk = tr.get("env_switch_check")
         if chk:
-            lines += ["", f"{DISABLE_ENV} read per call: kernel calls with it set "
-                          f"{sum(chk['sparselora_torch'].values())}, without {sum(chk['sparselora_kernels'].values())} "
-                          f"-> {'ok' if chk['passed'] else 'FAIL'}."]
+            lines += ["", f"Paths (fixed at compile time): with {DISABLE_ENV}=1 {chk['sparselora_torch']['path']}, "
+                          f"without {chk['sparselora_kernels']['path']} (ops lowered to the kernel while compiling: "
+                          f"{chk['sparselora_kernels']['lowered_ops']}) -> {'ok' if chk['passed'] else 'FAIL'}."]
     notes = res.get("notes", [])
     if notes:
         lines += ["", "Notes:"] + [f"- {n}" for n in notes]

@@ -94,3 +94,58 @@ def trace_artifact(name: str, payload: Callable[[], str]) -> None:
         metadata_fn=lambda: {"name": f"sparselora_{name}", "encoding": "string"},
         payload_fn=payload,
     )
+
+
+# --------------------------------------------------------------------------- compiled Triton path
+# Used by runtime/lowering.py. Checked on torch 2.11 (source) and 2.13 (run): FunctionalTensorMode
+# is the mode AOTAutograd traces under (the one torch.library.triton_op registers its decomposition
+# for); `custom_triton_ops_decomposition_disabled` is what torch.export sets to keep triton_ops whole;
+# `triton_ops_to_kernels` is the table AOTAutograd's cache key reads kernel sources from.
+
+
+def functional_tensor_mode() -> type | None:
+    """The mode class AOTAutograd functionalises under; None when it moved (the ops then stay opaque)."""
+    try:
+        from torch._subclasses.functional_tensor import FunctionalTensorMode
+    except ImportError:  # pragma: no cover - a torch that moved it
+        return None
+    return FunctionalTensorMode
+
+
+def plain_tensor_types(types: Any) -> bool:
+    """Whether a torch_dispatch call sees only plain, fake or functional tensors (no user subclass)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    return all(issubclass(t, FakeTensor) or t in (torch.Tensor, FunctionalTensor) for t in types)
+
+
+def triton_decomposition_disabled() -> bool:
+    """True while torch.export traces (it keeps triton_ops whole); False where the flag is absent."""
+    try:
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(custom_triton_ops_decomposition_disabled())
+
+
+def note_triton_kernels(op_name: str, kernels: list[Any]) -> None:
+    """Name the Triton kernels behind ``op_name`` ("ns::op") for AOTAutograd's cache key.
+
+    ``torch.library.triton_op`` fills this table by reading its function's source, which cannot
+    see kernels built lazily; without an entry an edited kernel could be served from the cache.
+    """
+    try:
+        from torch._library import triton as library_triton
+    except ImportError:  # pragma: no cover
+        return
+    table = getattr(library_triton, "triton_ops_to_kernels", None)
+    if isinstance(table, dict):
+        table[op_name] = list(kernels)
+
+
+def run_and_get_code(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, list[str]]:
+    """Run ``fn`` and return (result, the source of every module Inductor generated meanwhile)."""
+    from torch._inductor.utils import run_and_get_code as _run_and_get_code
+
+    return _run_and_get_code(fn, *args, **kwargs)

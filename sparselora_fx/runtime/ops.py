@@ -3,8 +3,9 @@
 Why custom ops and not `index_select` + `linear` written into the graph: the AOT partitioner
 would save the gathered weight `W[idx]` for backward (gigabytes at 8B scale). These ops save
 only `(weight, idx)` and gather again inside the backward op (the Triton kernels read by index
-and copy nothing); Inductor calls each as one extern op, so FLOPs, saved memory and fake-tensor
-shapes stay exactly what is executed.
+and copy nothing), so FLOPs, saved memory and fake-tensor shapes stay exactly what is executed.
+On CPU (and wherever the Triton path is off) Inductor calls each as one extern op; on CUDA a
+compiled graph gets the Triton kernel itself in place of the op (runtime/lowering.py).
 
 Ops (namespace `sparselora`; `OPS` lists them):
 
@@ -36,6 +37,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from sparselora_fx.errors import SparseLoRAError
+from sparselora_fx.runtime import lowering as _lowering
 
 __all__ = [
     "OPS",
@@ -395,20 +397,20 @@ def _is_registered(name: str) -> bool:
     return hasattr(getattr(torch.ops, NAMESPACE), name)
 
 
-def _register(spec: _Spec) -> None:
+def _register(spec: _Spec) -> Any:
     """Define one op with its fake kernel, autograd formula and FLOP formula."""
     opdef = torch.library.custom_op(f"{NAMESPACE}::{spec.name}", spec.impl, mutates_args=())
     opdef.register_fake(spec.fake)
     opdef.register_autograd(spec.backward, setup_context=_setup_frozen(spec.name))
     register_flop_formula(getattr(getattr(torch.ops, NAMESPACE), spec.name))(spec.flops)
+    return opdef
 
 
 # Registration lives in the dispatcher, which outlives this module: a reload (or a second copy
 # of the module) finds the ops there and must not define them again.
-for _spec in _SPECS:
-    if not _is_registered(_spec.name):
-        _register(_spec)
-del _spec
+_OPDEFS = {_spec.name: _register(_spec) for _spec in _SPECS if not _is_registered(_spec.name)}
+# On CUDA, compiled graphs get the Triton kernels themselves (see runtime/lowering.py).
+_lowering.register(_OPDEFS)
 
 _ops = getattr(torch.ops, NAMESPACE)
 

@@ -234,6 +234,36 @@ def test_kernels_enabled(monkeypatch: pytest.MonkeyPatch) -> None:
     assert kernels_enabled(torch.device("cuda")) is False
 
 
+def test_lowering_enabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(kernels.DISABLE_ENV, raising=False)
+    monkeypatch.delenv(kernels.LOWERING_ENV, raising=False)
+    assert kernels.lowering_enabled(torch.device("cpu")) is False
+    assert kernels.lowering_enabled(torch.device("cuda")) is kernels.HAS_TRITON
+    monkeypatch.setenv(kernels.LOWERING_ENV, "0")  # kernels stay on, as extern ops
+    assert kernels.lowering_enabled(torch.device("cuda")) is False
+    assert kernels.kernels_enabled(torch.device("cuda")) is kernels.HAS_TRITON
+    monkeypatch.setenv(kernels.LOWERING_ENV, "1")
+    monkeypatch.setenv(kernels.DISABLE_ENV, "1")  # no kernels at all: nothing to lower
+    assert kernels.lowering_enabled(torch.device("cuda")) is False
+
+
+@needs_triton
+def test_traceable_kernel_is_what_inductor_accepts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Configs and key only (no pruning hook, no custom timing); tiles that overflow shared memory dropped."""
+    from sparselora_fx.runtime.kernels import gather_gemm
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # builds the compiled-mode object; nothing is compiled here
+    monkeypatch.delenv("SPARSELORA_TRITON_AUTOTUNE", raising=False)
+    for dtype, elem in ((torch.float32, 4), (torch.bfloat16, 2)):
+        kernel = gather_gemm.traceable_kernel(dtype)
+        assert kernel is gather_gemm.traceable_kernel(dtype)  # built once per mode
+        assert kernel.early_config_prune is None and kernel.perf_model is None
+        assert len(kernel.configs) == len(configs.fitting(list(configs.HOPPER_CONFIGS), elem))
+    assert len(gather_gemm.traceable_kernel(torch.float32).configs) < len(configs.HOPPER_CONFIGS)
+    monkeypatch.setenv("SPARSELORA_TRITON_AUTOTUNE", "0")
+    assert len(gather_gemm.traceable_kernel(torch.float32).configs) == 1
+
+
 def test_transposed_weight_helpers() -> None:
     w = torch.randn(5, 3, generator=_gen(10)).to(torch.bfloat16)
     w_t = transpose_weight(w)
@@ -258,6 +288,7 @@ def test_import_without_triton() -> None:
         from sparselora_fx.runtime import kernels
         assert kernels.HAS_TRITON is False
         assert kernels.kernels_enabled(torch.device("cuda")) is False
+        assert kernels.lowering_enabled(torch.device("cuda")) is False
         try:
             kernels.rows_gemm(torch.zeros(2, 3), torch.zeros(4, 3), torch.tensor([1]))
         except kernels.KernelUnavailableError as e:

@@ -33,6 +33,25 @@ except Exception:  # ImportError, or a broken install that fails while importing
 DISABLE_ENV = "SPARSELORA_DISABLE_TRITON"
 
 
+#: Environment switch, read when a graph is compiled: SPARSELORA_TRITON_LOWERING=0 keeps the ops
+#: opaque under torch.compile (Inductor calls them as extern ops, which then launch the kernels).
+LOWERING_ENV = "SPARSELORA_TRITON_LOWERING"
+
+
+def _env_off(name: str, default: str) -> bool:
+    return os.environ.get(name, default).strip().lower() in ("0", "false", "no", "off")
+
+
+def lowering_enabled(device: torch.device) -> bool:
+    """Whether torch.compile should put the kernels themselves into the graph on `device`.
+
+    Why a switch of its own: it is decided once, while a graph is traced, whereas
+    `kernels_enabled` is asked on every eager call; SPARSELORA_TRITON_LOWERING=0 compares
+    the compiled kernel against the same kernel called as an extern op.
+    """
+    return kernels_enabled(device) and not _env_off(LOWERING_ENV, "1")
+
+
 def kernels_enabled(device: torch.device) -> bool:
     """Whether tensors on `device` should use the Triton kernels.
 
@@ -53,9 +72,11 @@ __all__ = [
     "HAS_TRITON",
     "KernelInputError",
     "KernelUnavailableError",
+    "LOWERING_ENV",
     "cols_gemm",
     "cols_gemm_dx",
     "kernels_enabled",
+    "lowering_enabled",
     "rows_gemm",
     "rows_gemm_dx",
     "transpose_weight",

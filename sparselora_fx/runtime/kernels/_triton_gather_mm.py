@@ -126,7 +126,9 @@ def build(tiles, early_prune):
     (TRITON_INTERPRET=1) or a compiled one, so decorating at import would freeze
     whatever the environment said when some other module first imported us.
     `tiles` are `configs.TileConfig`; `early_prune(configs, named_args, **kw)`
-    follows triton's `prune_configs_by["early_config_prune"]` contract.
+    follows triton's `prune_configs_by["early_config_prune"]` contract. With
+    `early_prune=None` the autotuner has configs and key only, the form Inductor
+    accepts for a kernel it emits into its own code (no pruning hook, no custom timing).
     """
     configs = [
         triton.Config(
@@ -137,6 +139,6 @@ def build(tiles, early_prune):
         for t in tiles
     ]
     kwargs = {}
-    if len(configs) > 1:
+    if len(configs) > 1 and early_prune is not None:
         kwargs = {"prune_configs_by": {"early_config_prune": early_prune}, "do_bench": _quick_bench}
     return triton.autotune(configs=configs, key=AUTOTUNE_KEY, **kwargs)(triton.jit(gather_mm_kernel))

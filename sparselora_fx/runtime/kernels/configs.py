@@ -50,6 +50,15 @@ INTERPRETER_CONFIGS: tuple[TileConfig, ...] = (TileConfig(16, 32, 16, num_warps=
 SMEM_BUDGET_BYTES = 200 * 1024
 
 
+def fitting(configs: list[TileConfig], elem_bytes: int) -> list[TileConfig]:
+    """The candidates whose tiles fit the shared-memory budget for this element size.
+
+    Why separate from `prune`: the compiled (Inductor) path knows the dtype when it traces but
+    not the token count, which may be symbolic; it autotunes over these.
+    """
+    return [c for c in configs if c.smem_bytes(elem_bytes) <= SMEM_BUDGET_BYTES]
+
+
 def prune(configs: list[TileConfig], m: int, elem_bytes: int) -> list[TileConfig]:
     """Drop candidates that cannot fit or are pointless for this problem, keeping at least one.
 
@@ -57,7 +66,7 @@ def prune(configs: list[TileConfig], m: int, elem_bytes: int) -> list[TileConfig
     tiles that overflow shared memory would fail anyway, and 128-row tiles for
     a handful of tokens waste most of the tile.
     """
-    kept = [c for c in configs if c.smem_bytes(elem_bytes) <= SMEM_BUDGET_BYTES]
+    kept = fitting(configs, elem_bytes)
     if m <= 64:
         kept = [c for c in kept if c.block_m <= 64] or kept
     if not kept:

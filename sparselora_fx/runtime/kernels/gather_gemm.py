@@ -22,17 +22,21 @@ Everything here imports without triton; calling a wrapper without triton, or
 with CPU tensors outside the Triton interpreter (TRITON_INTERPRET=1), raises
 `KernelUnavailableError`. The caller (the custom ops) decides with
 `kernels_enabled(device)` whether to come here at all.
+
+Under torch.compile on CUDA the wrappers are not called: `runtime.lowering` launches the
+same kernel through `torch.library.wrap_triton` with the arguments `kernel_call` builds and
+the autotuner `traceable_kernel` returns, so Inductor emits it into its generated code.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
 from . import _validate as check
-from .configs import DEFAULT_CONFIGS, HOPPER_CONFIGS, INTERPRETER_CONFIGS, TileConfig, prune
+from .configs import DEFAULT_CONFIGS, HOPPER_CONFIGS, INTERPRETER_CONFIGS, TileConfig, fitting, prune
 from .errors import KernelUnavailableError
 
 try:
@@ -57,6 +61,8 @@ AUTOTUNE_ENV = "SPARSELORA_TRITON_AUTOTUNE"
 
 # Built lazily, one kernel per (interpreter mode, autotune on) (see `_triton_gather_mm.build`).
 _KERNELS: dict[tuple[bool, bool], Any] = {}
+# The compiled path's kernels, one per (interpreter mode, autotune on, element size).
+_TRACEABLE_KERNELS: dict[tuple[bool, bool, int], Any] = {}
 
 
 def _interpreting() -> bool:
@@ -99,6 +105,30 @@ def _kernel() -> Any:
     return kernel
 
 
+def traceable_kernel(dtype: torch.dtype) -> Any:
+    """The kernel for the compiled path: an autotuner with configs and key only.
+
+    Why not `_kernel()`: Inductor, which emits this kernel into its generated code and
+    autotunes it itself, refuses custom timing and needs no pruning hook (that hook reads
+    the token count, which may be symbolic while tracing); the tiles that cannot fit shared
+    memory for `dtype` are dropped here instead. Under the interpreter it is the same
+    single tiny tile as `_kernel()`.
+    """
+    interp, autotune = _interpreting(), _autotune_enabled()
+    elem = torch.empty((), dtype=dtype).element_size()
+    mode = (interp, autotune, elem)
+    kernel = _TRACEABLE_KERNELS.get(mode)
+    if kernel is None:
+        from . import _triton_gather_mm
+
+        if interp:
+            tiles = list(INTERPRETER_CONFIGS)
+        else:
+            tiles = fitting(list(HOPPER_CONFIGS if autotune else DEFAULT_CONFIGS), elem) or list(DEFAULT_CONFIGS)
+        kernel = _TRACEABLE_KERNELS[mode] = _triton_gather_mm.build(tiles, None)
+    return kernel
+
+
 def _require_runnable(op: str, device: torch.device) -> None:
     if not _HAS_TRITON:
         raise KernelUnavailableError(
@@ -120,26 +150,30 @@ def _next_pow2(v: int) -> int:
     return 1 << max(v - 1, 0).bit_length()
 
 
-def _launch(
+def kernel_call(
     a: torch.Tensor,
     b: torch.Tensor,
     idx: torch.Tensor,
     bias: Optional[torch.Tensor],
     c: torch.Tensor,
-    m: int,
-    p: int,
-    r: int,
-    stride_br: int,
-    stride_bp: int,
-    stride_cp: int,
+    m: Any,
+    p: Any,
+    r: Any,
+    stride_br: Any,
+    stride_bp: Any,
+    stride_cp: Any,
     *,
     gather_r: bool,
     gather_p: bool,
     scatter_out: bool,
     allow_tf32: bool,
-) -> None:
-    """Run the shared kernel for C[M, P] = A[M, R] @ B[R, P] (see `_triton_gather_mm`)."""
-    kernel = _kernel()
+) -> tuple[Callable[[dict], tuple[Any]], tuple[Any, ...], dict[str, Any]]:
+    """(grid, positional args, constexpr flags) of one launch of the shared kernel.
+
+    Why shared: the eager wrappers below and the compiled path (`runtime.lowering`, which
+    launches through `torch.library.wrap_triton`) must pass the kernel the same arguments.
+    Only tensors, ints (possibly symbolic), bools and the precision string go in.
+    """
     # bf16 under the interpreter: upcast tiles before tl.dot (its bf16 dot is broken, triton#11584).
     dot_in_fp32 = a.dtype == torch.bfloat16 and a.device.type != "cuda" and _interpreting()
     if a.dtype == torch.float32 or dot_in_fp32:
@@ -147,12 +181,16 @@ def _launch(
     else:
         precision = None  # ignored for fp16/bf16 operands; leave triton's default
 
-    def grid(meta: dict) -> tuple[int]:
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_P"]),)
+    def grid(meta: dict) -> tuple[Any]:
+        return (((m + meta["BLOCK_M"] - 1) // meta["BLOCK_M"]) * ((p + meta["BLOCK_P"] - 1) // meta["BLOCK_P"]),)
 
+    # M_BUCKET is an autotune key only; a symbolic M (compiled path) is passed as is.
+    bucket = _next_pow2(m) if isinstance(m, int) else m
+    # Without a bias the kernel never reads bias_ptr (HAS_BIAS=False); `a` stands in, read-only,
+    # so that no argument aliases the output the kernel writes.
     args = (
-        a, b, idx, bias if bias is not None else c, c,
-        m, p, r, _next_pow2(m),
+        a, b, idx, bias if bias is not None else a, c,
+        m, p, r, bucket,
         a.stride(0), a.stride(1), stride_br, stride_bp, c.stride(0), stride_cp,
     )  # fmt: skip
     flags = dict(
@@ -163,6 +201,13 @@ def _launch(
         INPUT_PRECISION=precision,
         DOT_IN_FP32=dot_in_fp32,
     )
+    return grid, args, flags
+
+
+def _launch(a: torch.Tensor, *rest: Any, **kw: Any) -> None:
+    """Run the shared kernel for C[M, P] = A[M, R] @ B[R, P] (see `_triton_gather_mm`)."""
+    kernel = _kernel()
+    grid, args, flags = kernel_call(a, *rest, **kw)
     if a.device.type == "cuda":
         with torch.cuda.device(a.device):
             kernel[grid](*args, **flags)
