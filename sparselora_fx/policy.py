@@ -139,6 +139,51 @@ def _pattern_matches(pattern: str, normalized: str, cands: Sequence[str] | None 
 
 
 # --------------------------------------------------------------------------------------------
+# Per-layer compiles: names without a layer index, read as the names of one layer
+# --------------------------------------------------------------------------------------------
+
+#: The layer stack a per-layer unit is placed in when no match pattern names one.
+DEFAULT_LAYER_STACK = "layers"
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_INDEX_SAMPLES = tuple(str(n) for n in range(128))
+
+
+@functools.lru_cache(maxsize=1024)
+def pattern_layer_stack(pattern: str) -> str | None:
+    """The module path a pattern puts before a layer index, or None when it names no layer.
+
+    Why: a per-layer compile sees `mlp.gate_proj`, not `model.layers.3.mlp.gate_proj`; to match
+    `model.layers.*.mlp` (or `re:model\\.layers\\.(1[4-9])\\.mlp`) the unit is read as
+    `<stack>.<layer>.mlp.gate_proj` with the stack the policy itself writes (`model.layers`).
+    """
+    if pattern.startswith("re:"):
+        parts = re.split(r"\\?\.", pattern[3:])
+        is_index = _regex_matches_an_index
+    else:
+        parts = normalize_module_name(pattern).split(".")
+        is_index = _glob_matches_an_index
+    stack: list[str] = []
+    for part in parts:
+        if _IDENTIFIER.fullmatch(part):
+            stack.append(part)
+            continue
+        return ".".join(stack) if stack and is_index(part) else None
+    return None
+
+
+def _glob_matches_an_index(part: str) -> bool:
+    return part.isdigit() or any(fnmatchcase(n, part) for n in _INDEX_SAMPLES)
+
+
+def _regex_matches_an_index(part: str) -> bool:
+    try:
+        compiled = re.compile(part)
+    except re.error:  # a component cut out of a larger group: not a layer slot we can read
+        return False
+    return any(compiled.fullmatch(n) for n in _INDEX_SAMPLES)
+
+
+# --------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------
 
@@ -207,7 +252,7 @@ class EstimatorSpec:
     Why: the runtime needs one small, hashable description per group kind. Kinds: `svd`
     (rank-`rank` factors of the frozen weight, default rank 8), `token_sample` (scores from
     `samples` tokens drawn with `seed`, defaults 64 and 0; with `fraction`, max(samples,
-    ceil(fraction * tokens)) so the cost stays a fixed share of the micro-batch's GEMMs) and
+    floor(fraction * tokens)) so the cost stays a fixed share of the micro-batch's GEMMs) and
     `random` (random channels each step: a baseline for accuracy studies, not for training).
     Parameters that do not belong to the kind must stay None.
     """
@@ -608,11 +653,24 @@ def _resolve_value(
     return float(value)  # an explicit 0 runs the sparse machinery keeping every channel
 
 
+def _check_layer(layer: Any, num_layers: int | None, source: str) -> None:
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise PolicyError(
+            f"{source}: layer = {layer!r} must be an int >= 0, the index (from 0) of the decoder "
+            "layer a per-layer compile holds."
+        )
+    if num_layers is not None and layer >= num_layers:
+        raise PolicyError(
+            f"{source}: layer {layer} is beyond num_layers = {num_layers} (layers count from 0); "
+            "give the model's real depth."
+        )
+
+
 # Measured defaults (benchmarks/results/fidelity.md, MiniLM-L6 real weights): exact activations of
 # sampled tokens keep far more of the oracle's activation energy than the rank-8 SVD (0.91 with 64
 # tokens, 0.97 with 128, against 0.45 at MLP sparsity 0.9). The sample is 3% of the micro-batch's
 # tokens, at least 32: for a gated MLP (2 of its 3 GEMMs estimated) that is 2% of the group's dense
-# forward GEMM FLOPs at any batch size (123 tokens at 4096), so the estimator's share of a step
+# forward GEMM FLOPs at any batch size (122 tokens at 4096), so the estimator's share of a step
 # does not grow when batches shrink; the floor keeps small batches' selection informed. V/O uses
 # the same rule (its estimate is cheaper still). Q/K: the paper's rank-8 SVD, scored through a
 # Gram matrix (no per-token estimate).
@@ -703,7 +761,9 @@ class Policy:
 
     # ---- queries -----------------------------------------------------------------------------
 
-    def resolve(self, name: str, kind: str, *, num_layers: int | None = None) -> float | None:
+    def resolve(
+        self, name: str, kind: str, *, num_layers: int | None = None, layer: int | None = None
+    ) -> float | None:
         """Sparsity for the group whose first unit is `name`: None (dense) or a float in [0, 1).
 
         Why: the single question the plan pass asks. `kind` is a group kind (`gated_mlp`,
@@ -711,16 +771,68 @@ class Policy:
         (or one of its dotted parents, in any PEFT / compile spelling) AND sets this kind wins;
         otherwise the policy default applies. An explicit 0 stays 0.0 (sparse ops keeping every
         channel: the machinery runs, nothing is dropped); a depth ramp's 0 end means dense.
+        `layer` is for per-layer compiles: a name without a layer index is read as a module of
+        that layer (see `layer_spellings`).
         """
         key = _kind_key(kind)
         n = num_layers if num_layers is not None else self.num_layers
-        normalized = normalize_module_name(name)
-        cands = _candidates(normalized)
-        index = layer_index(normalized)
+        spellings = self.layer_spellings(name, layer, num_layers=n)
+        index = layer_index(spellings[0])
+        cands = [_candidates(s) for s in spellings]
         for i, rule in enumerate(self.rules):
-            if rule.sets(key) and rule._matches(normalized, cands, index, n):
+            if rule.sets(key) and any(rule._matches(s, c, index, n) for s, c in zip(spellings, cands)):
                 return _resolve_value(rule.value(key), index, n, f"{self.source}: rules[{i}].{key}")
         return _resolve_value(getattr(self, key), index, n, f"{self.source}: defaults.{key}")
+
+    # ---- per-layer compiles ------------------------------------------------------------------
+
+    def layer_spellings(
+        self, name: str, layer: int | None, *, num_layers: int | None = None
+    ) -> list[str]:
+        """The names `name` is matched under: itself, or for a per-layer compile its full paths.
+
+        Why: a graph of one decoder layer names its units `mlp.gate_proj`; rules are written
+        against `model.layers.3.mlp.gate_proj`. With `layer` given, a name without a layer index
+        becomes `<stack>.<layer>.<name>` for each layer stack the rules' patterns name
+        (`model.layers` in `model.layers.*.mlp`; `layers` when none does), and a rule matches
+        when it matches any of them. A name with its own layer index is kept as it is.
+        """
+        normalized = normalize_module_name(name)
+        if layer is None or layer_index(normalized) is not None:
+            return [normalized]
+        _check_layer(layer, num_layers if num_layers is not None else self.num_layers, self.source)
+        stacks = self.layer_stacks or (DEFAULT_LAYER_STACK,)
+        return [f"{stack}.{layer}.{normalized}" for stack in stacks]
+
+    @property
+    def layer_stacks(self) -> tuple[str, ...]:
+        """The layer-stack paths the rules' match patterns name (`model.layers`), first seen first."""
+        stacks = (pattern_layer_stack(p) for rule in self.rules for p in rule.match)
+        return tuple(dict.fromkeys(s for s in stacks if s is not None))
+
+    @property
+    def needs_depth(self) -> bool:
+        """Whether a value depends on the model's depth: a ramp, or a layer counted from the end."""
+        return any(isinstance(v, Ramp) for v in self._values()) or any(
+            start < 0 for rule in self.rules for start, _ in rule.layers
+        )
+
+    @property
+    def layer_indexed(self) -> bool:
+        """Whether a rule or value depends on a module's layer index (`layers`, ramps, patterns).
+
+        Why: names without a layer index (a per-layer compile) never satisfy such a rule, so the
+        plan pass warns instead of leaving those groups silently dense.
+        """
+        return (
+            any(isinstance(v, Ramp) for v in self._values())
+            or any(rule.layers for rule in self.rules)
+            or bool(self.layer_stacks)
+        )
+
+    def _values(self) -> list[SparsityValue | None]:
+        values = [getattr(self, k) for k in POLICY_KINDS]
+        return values + [getattr(rule, k) for rule in self.rules for k in POLICY_KINDS]
 
     def estimator_for(self, kind: str) -> EstimatorSpec:
         """The estimator to use for a group kind (`gated_mlp` maps to `mlp`)."""

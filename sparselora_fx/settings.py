@@ -26,6 +26,8 @@ OPTION_DOCS: dict[str, str] = {
     "sparse_eval": "also run sparse when gradients are off (eval, no_grad); default False: dense",
     "progress": "show progress bars while estimator factors are built (default True)",
     "schedule": "a sparselora_fx.runtime.schedule.StepSchedule: dense warm-up steps, then sparse, with no recompile (required when the policy has a warm-up)",
+    "layer": "per-layer compile (FSDP2, torchtune, layer.compile): the index (from 0) of the decoder layer this compile holds; its units are matched as that layer's",
+    "num_layers": "the model's depth, for ramps and negative layer indices when the graph cannot show it (per-layer compiles, DDP splits); must agree with the policy's num_layers when it sets one",
 }
 
 
@@ -41,6 +43,7 @@ class Settings:
     sparse_eval: bool = False
     progress: bool = True
     schedule: Any = None
+    layer: int | None = None
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None) -> "Settings":
@@ -77,6 +80,9 @@ class Settings:
             if "sparsity" in options:  # with a policy: override its sparsities only
                 policy = policy.with_sparsity(_sparsity(options["sparsity"]))
 
+        policy = _bind_depth(policy, options.get("num_layers"))
+        layer = _layer(options.get("layer"), policy)
+
         rank = options.get("estimator_rank")
         if rank is not None and (not isinstance(rank, int) or isinstance(rank, bool) or rank < 1):
             raise OptionsError(f"options['estimator_rank'] must be a positive int, got {rank!r}")
@@ -86,10 +92,41 @@ class Settings:
                    dump_dir=Path(dump) if dump else None, estimator_rank=rank,
                    sparse_eval=bool(options.get("sparse_eval", False)),
                    progress=bool(options.get("progress", True)),
-                   schedule=options.get("schedule"))
+                   schedule=options.get("schedule"), layer=layer)
 
     def replace(self, **changes: Any) -> "Settings":
         return replace(self, **changes)
+
+
+def _bind_depth(policy: Any, num_layers: Any) -> Any:
+    """The policy with ``options['num_layers']`` bound; a depth the policy already fixes must agree."""
+    if num_layers is None:
+        return policy
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < 1:
+        raise OptionsError(f"options['num_layers'] must be an int >= 1 (the model's number of decoder layers), "
+                           f"got {num_layers!r}")
+    if policy.num_layers is not None and policy.num_layers != num_layers:
+        raise OptionsError(f"options['num_layers'] = {num_layers} but the policy ({policy.source}) sets "
+                           f"num_layers = {policy.num_layers}; drop one of them")
+    return policy.bind(num_layers=num_layers)
+
+
+def _layer(value: Any, policy: Any) -> int | None:
+    """``options['layer']``, checked against the depth the policy needs (one layer cannot show it)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise OptionsError(f"options['layer'] must be an int >= 0, the index (from 0) of the decoder layer this "
+                           f"compile holds (e.g. options={{'layer': i}} for model.layers[i]), got {value!r}")
+    if policy.num_layers is None and policy.needs_depth:
+        raise OptionsError(f"options['layer'] = {value}: the policy ({policy.source}) has depth ramps or layers "
+                           "counted from the end, and one layer cannot show the model's depth; add "
+                           "options['num_layers'] = N (the model's number of decoder layers) or set "
+                           "num_layers in the policy's [defaults]")
+    if policy.num_layers is not None and value >= policy.num_layers:
+        raise OptionsError(f"options['layer'] = {value} is beyond num_layers = {policy.num_layers} "
+                           f"(layers count from 0, so the last is {policy.num_layers - 1})")
+    return value
 
 
 def _sparsity(value: Any) -> float:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -16,7 +17,7 @@ import torch
 from torch.fx import GraphModule
 
 from .groups import Group, Skipped, find_mlp_groups
-from .plan import Plan, make_plan
+from .plan import Plan, layer_binding_note, make_plan
 from .units import LoraUnit, find_lora_units
 
 log = logging.getLogger("sparselora_fx")
@@ -80,7 +81,14 @@ def _ungrouped_reason(unit: LoraUnit) -> str:
 
 def pass_plan(ctx: PassContext) -> None:
     """Turn the policy into per-group sparsity, keep counts and estimators."""
-    ctx.plan = make_plan(ctx.groups, ctx.settings.policy, ctx.settings.estimator_rank, ctx.sparse_enabled)
+    layer = getattr(ctx.settings, "layer", None)
+    ctx.plan = make_plan(ctx.groups, ctx.settings.policy, ctx.settings.estimator_rank, ctx.sparse_enabled,
+                         layer=layer)
+    note = layer_binding_note(ctx.groups, ctx.settings.policy, layer, ctx.plan)
+    if note is not None:  # once per backend call: a per-layer graph whose policy cannot see its layer
+        warnings.warn(f"sparselora: {note}", stacklevel=2)
+        log.warning("sparselora: %s", note)
+        ctx.notes.append(note)
 
 
 def pass_prepare_estimators(ctx: PassContext) -> None:
