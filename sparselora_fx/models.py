@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-TINY_ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma", "gpt_neox", "opt", "phi3", "bert")
+TINY_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gpt_neox", "opt", "phi3", "gpt2",
+                      "bert")
 
 
 def _tiny_config(arch: str, num_layers: int) -> Any:
@@ -22,10 +23,14 @@ def _tiny_config(arch: str, num_layers: int) -> Any:
         return tf.LlamaConfig(intermediate_size=96, **attn, **common)
     if arch == "qwen2":
         return tf.Qwen2Config(intermediate_size=96, **attn, **common)
+    if arch == "qwen3":
+        return tf.Qwen3Config(intermediate_size=96, head_dim=16, **attn, **common)
     if arch == "mistral":
         return tf.MistralConfig(intermediate_size=96, sliding_window=None, **attn, **common)
     if arch == "gemma":
         return tf.GemmaConfig(intermediate_size=96, head_dim=16, **attn, **common)
+    if arch == "gemma2":
+        return tf.Gemma2Config(intermediate_size=96, head_dim=16, sliding_window=64, **attn, **common)
     if arch == "phi3":
         return tf.Phi3Config(intermediate_size=96, pad_token_id=0, bos_token_id=1, eos_token_id=2, **attn, **common)
     if arch == "gpt_neox":
@@ -34,6 +39,9 @@ def _tiny_config(arch: str, num_layers: int) -> Any:
         return tf.OPTConfig(vocab_size=128, hidden_size=64, num_hidden_layers=num_layers, ffn_dim=96,
                             num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64,
                             enable_bias=True, pad_token_id=1)
+    if arch == "gpt2":
+        return tf.GPT2Config(vocab_size=128, n_embd=64, n_layer=num_layers, n_head=4, n_inner=96, n_positions=128,
+                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
     if arch == "bert":
         return tf.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
                              intermediate_size=96, max_position_embeddings=128, num_labels=3)
@@ -50,6 +58,8 @@ def build_tiny_model(arch: str = "llama", *, num_layers: int = 2, lora_rank: int
     import peft
     import transformers as tf
 
+    if arch == "gemma2" and attn_implementation == "sdpa":
+        attn_implementation = "eager"  # transformers refuses SDPA for Gemma2 (its logit soft-capping)
     config = _tiny_config(arch, num_layers)
     config._attn_implementation = attn_implementation
     with torch.random.fork_rng(devices=[]):
@@ -58,6 +68,8 @@ def build_tiny_model(arch: str = "llama", *, num_layers: int = 2, lora_rank: int
             model = tf.BertForSequenceClassification(config)
         else:
             model = tf.AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+            if getattr(model, "loss_type", "") is None:  # GPT2LMHeadModel: the fallback logs, a graph break
+                model.loss_type = "ForCausalLM"
         model = model.to(dtype)
         # PEFT's "all-linear" skips the LM head; BERT's classifier is trained in full (modules_to_save).
         extra = {"modules_to_save": ["classifier"]} if arch == "bert" else {}

@@ -18,7 +18,7 @@ from torch.fx import GraphModule
 
 from .groups import Group, Skipped, find_mlp_groups
 from .plan import Plan, layer_binding_note, make_plan
-from .units import LoraUnit, find_lora_units
+from .units import LoraUnit, expand_fused, find_lora_units
 
 log = logging.getLogger("sparselora_fx")
 
@@ -57,8 +57,10 @@ def pass_group(ctx: PassContext) -> None:
     grouped = {id(u) for g in mlp for u in g.units}
     attn, attn_skipped = find_attention_groups([u for u in ctx.units if id(u) not in grouped])
     ctx.groups = mlp + attn
+    ctx.units = expand_fused(ctx.units, ctx.groups)
     grouped = {id(u) for g in ctx.groups for u in g.units}
     grouped_names = {u.fqn for g in ctx.groups for u in g.units}
+    grouped_names |= {u.part.parent.fqn for g in ctx.groups for u in g.units if u.part is not None}
     ctx.skipped = [s for s in skipped + attn_skipped if s.name not in grouped_names]
     named = {s.name for s in ctx.skipped}
     for unit in ctx.units:
@@ -73,9 +75,12 @@ def pass_group(ctx: PassContext) -> None:
 def _ungrouped_reason(unit: LoraUnit) -> str:
     from . import graph_ops as ops
 
+    if unit.part is not None:
+        return (f"part {unit.part.offset}:{unit.part.offset + unit.part.width} of fused projection "
+                f"`{unit.part.parent.fqn}`: not part of any provable MLP or attention group; it runs dense")
     for user in unit.output.users:
         if ops.is_call(user, {torch.chunk, torch.split}, {"chunk", "split", "unbind"}):
-            return "fused projection (output split into parts): sparsified in a later release"
+            return "fused projection (output split into parts) whose parts could not be grouped; it runs dense"
     return "not part of any provable MLP or attention group"
 
 

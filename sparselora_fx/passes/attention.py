@@ -10,7 +10,7 @@ forward from its output) through exactly those ops; anything else stops the proo
 ``skipped`` with the op and the node that stopped it.
 
 Attention ops recognised: ``F.scaled_dot_product_attention`` (incl. ``enable_gqa``) and eager
-attention ``softmax(q @ k^T * scale (+ mask)) (-> dropout) @ v``.
+attention ``softmax(q @ k^T * scale (-> soft-cap) (+ mask)) (-> dropout) @ v``.
 
 Torch targets that only attention matching needs live in the sets below (the shared op table is
 ``graph_ops``; these may move there).
@@ -29,7 +29,7 @@ from torch.fx import Node
 
 from . import graph_ops as ops
 from .groups import Group, Skipped, common_prefix
-from .units import LoraUnit
+from .units import LoraUnit, last_dim_piece, part_unit
 
 log = logging.getLogger("sparselora_fx")
 
@@ -54,8 +54,18 @@ SPLIT_METHODS = {"chunk", "split", "unbind", "tensor_split", "split_with_sizes"}
 MASKED_FILL_FNS = {torch.masked_fill}
 MASKED_FILL_METHODS = {"masked_fill"}
 EMPTY_CONST_FNS = {torch.tensor, torch.empty, torch.zeros}
+# Logit soft-capping c * tanh(s / c) (Gemma2) between the score matmul and the softmax. Q/K stays
+# sparse under it: the criterion bounds the error dropped head dims add to the raw logit s, and
+# s -> c * tanh(s / c) is monotone and 1-Lipschitz, so the capped logit's error is never larger.
+SOFTCAP_FNS = {torch.tanh}
+SOFTCAP_METHODS = {"tanh"}
 
-FUSED_REASON = "fused projection (qkv in one weight): sparsified in a later release"
+FUSED_REASON = ("fused projection (qkv in one weight) split in a way this pass cannot map to weight rows "
+                "(only last-dim chunk/split/slices, flat or per head, are); it runs dense")
+HEAD_NORM_REASON = "per-head norm before RoPE (q_norm/k_norm) needs every head dim"
+REDUCE_FNS = {torch.mean, torch.sum, torch.var, torch.std, torch.norm, torch.linalg.vector_norm, torch.amax}
+REDUCE_METHODS = {"mean", "sum", "var", "std", "norm", "amax"}
+NORM_FNS = {F.layer_norm, F.rms_norm, F.group_norm}
 _SEARCH_DEPTH = 12  # how far to look past a failure for the unit to name in `skipped`
 
 
@@ -410,6 +420,9 @@ def _scores_matmul(node: Any, masks: list[Any]) -> Node | None:
             masks.append(_arg(node, 1, "mask"))
             node = _input(node)
             continue
+        if ops.is_call(node, SOFTCAP_FNS, SOFTCAP_METHODS):  # Gemma2's c * tanh(s / c)
+            node = _input(node)
+            continue
         return None
     return None
 
@@ -500,6 +513,7 @@ class _Side:
     rope: _Rope | None
     nodes: list[Node] = field(default_factory=list)  # unit output .. operand
     cache: Node | None = None
+    shared: list[Node] = field(default_factory=list)  # fused unit output .. its split: read by every part
 
 
 def _unit_behind(node: Any, by_output: dict[Node, LoraUnit]) -> LoraUnit | None:
@@ -600,6 +614,33 @@ def _split_piece(node: Node) -> bool:
     return len(siblings) >= 2
 
 
+def _head_norm(node: Node, head_dim: int) -> bool:
+    """``node`` is (near) a normalisation over the head dim: a last-dim reduction of a
+    [.., head_dim] tensor or ``layer_norm``/``rms_norm`` over ``(head_dim,)`` (Qwen3's q_norm/k_norm).
+
+    Such a norm divides every head dim by a statistic of all of them, so q/k channels cannot be
+    dropped before it (the statistic would change); the search stops at other linears.
+    """
+    frontier, seen = [node], set()
+    for _ in range(_SEARCH_DEPTH):
+        nxt: list[Node] = []
+        for cur in frontier:
+            if not isinstance(cur, Node) or cur in seen or ops.as_linear(cur) is not None:
+                continue
+            seen.add(cur)
+            src = _input(cur)
+            shape = _shape(src)
+            if ops.is_call(cur, NORM_FNS) and tuple(_arg(cur, 1, "normalized_shape", ())) == (head_dim,):
+                return True
+            if (ops.is_call(cur, REDUCE_FNS, REDUCE_METHODS) and shape is not None and len(shape) >= 3
+                    and _static(shape[-1]) == head_dim
+                    and _norm_dim(_arg(cur, 1, "dim"), len(shape)) == len(shape) - 1):
+                return True
+            nxt.extend(_node_args(cur))
+        frontier = nxt
+    return False
+
+
 def _trace_operand(operand: Any, side: str, by_output: dict[Node, LoraUnit]) -> _Side:
     """Walk back from an attention operand ([B, H, T, D]) to the unit whose output it is a head view of."""
     if not isinstance(operand, Node):
@@ -615,6 +656,8 @@ def _trace_operand(operand: Any, side: str, by_output: dict[Node, LoraUnit]) -> 
     repeat: int | None = None
     cache: Node | None = None
     heads: int | None = None
+    row_dim, sub_offset = head_dim, 0  # per-head rows at the view: 3 x head_dim for GPT-NeoX's fused qkv
+    shared: list[Node] = []
     cur: Any = operand
     for _ in range(64):
         if not isinstance(cur, Node):
@@ -624,14 +667,42 @@ def _trace_operand(operand: Any, side: str, by_output: dict[Node, LoraUnit]) -> 
             if layout != "flat" or heads is None:
                 raise _NotAttn(f"the {side} projection's output reaches the attention without a head view",
                                cur, unit)
-            nodes.append(cur)
-            if heads * head_dim != unit.out_features:
-                raise _NotAttn(f"{side} heads x head_dim = {heads} x {head_dim} != the projection's "
+            if heads * row_dim != unit.out_features:
+                raise _NotAttn(f"{side} heads x head_dim = {heads} x {row_dim} != the projection's "
                                f"{unit.out_features} outputs", cur, unit)
             if op_heads != heads * (repeat or 1):
                 raise _NotAttn(f"the {side} operand has {op_heads} heads, the projection {heads}", operand, unit)
+            if row_dim != head_dim:  # a per-head interleaved part of a fused projection
+                shared.append(cur)
+                unit = part_unit(unit, side, sub_offset, heads * head_dim, piece, block=head_dim, period=row_dim)
+                return _Side(unit, heads, head_dim, op_heads, rope, nodes, cache, shared)
+            nodes.append(cur)
             return _Side(unit, heads, head_dim, op_heads, rope, nodes, cache)
-        nodes.append(cur)
+        piece_of = last_dim_piece(cur)
+        if piece_of is not None and layout == "flat" and heads is not None and piece_of[0] in by_output:
+            parent, start, stop = by_output[piece_of[0]], piece_of[1], piece_of[2]
+            if heads * head_dim != stop - start:
+                raise _NotAttn(f"{side} heads x head_dim = {heads} x {head_dim} != the {stop - start} channels "
+                               f"of its part of the fused projection", cur, parent)
+            if op_heads != heads * (repeat or 1):
+                raise _NotAttn(f"the {side} operand has {op_heads} heads, the projection {heads}", operand, parent)
+            nodes.append(cur)
+            unit = part_unit(parent, side, start, stop - start, cur)
+            return _Side(unit, heads, head_dim, op_heads, rope, nodes, cache,
+                         [piece_of[0]] + ([piece_of[3]] if piece_of[3] is not None else []))
+        if (piece_of is not None and layout in ("bhtd", "bthd") and row_dim == head_dim
+                and piece_of[2] - piece_of[1] == head_dim and _static(_shape(piece_of[0])[-1]) is not None):
+            nodes.append(cur)
+            piece = cur
+            row_dim, sub_offset = int(_shape(piece_of[0])[-1]), piece_of[1]  # type: ignore[index]
+            if piece_of[3] is not None:
+                shared.append(piece_of[3])
+            cur = piece_of[0]
+            continue
+        if row_dim != head_dim:  # between the fused output and its split: every part reads these
+            shared.append(cur)
+        else:
+            nodes.append(cur)
         if _is_passthrough(cur) or _is_identity_view(cur):
             cur = _input(cur)
             continue
@@ -666,10 +737,12 @@ def _trace_operand(operand: Any, side: str, by_output: dict[Node, LoraUnit]) -> 
             out, inp = _shape(cur), _shape(_input(cur))
             if (out is not None and inp is not None and len(out) == 4 and len(inp) == 3
                     and _same_dim(out[0], inp[0]) and _same_dim(out[1], inp[1])
-                    and _static(out[2]) is not None and _static(out[3]) == head_dim
-                    and _static(inp[2]) == out[2] * head_dim):
+                    and _static(out[2]) is not None and _static(out[3]) == row_dim
+                    and _static(inp[2]) == out[2] * row_dim):
                 heads, layout, cur = int(out[2]), "flat", _input(cur)
                 continue
+        if side in ("q", "k") and layout != "flat" and _head_norm(cur, head_dim):
+            raise _NotAttn(HEAD_NORM_REASON, cur, _unit_behind(cur, by_output))
         # a split piece is reported as a fused projection when another operand comes from the same unit
         raise _NotAttn(f"op `{_op_name(cur)}` on the {side} path is not a head view, RoPE, scale, GQA repeat "
                        f"or KV-cache concat", cur, _unit_behind(cur, by_output), split=_split_piece(cur))
@@ -739,6 +812,19 @@ def _unit_ahead(node: Node, by_input: dict[Node, list[LoraUnit]]) -> LoraUnit | 
 
 # --- containment ------------------------------------------------------------------------------------
 
+def _only_returned(user: Node, cache: Node) -> bool:
+    """``user`` hands the KV cache back to the caller: the graph output, or a slice over tokens only
+    (a sliding-window cache keeps the last ``window - 1`` tokens) that goes only there."""
+    if user.op == "output":
+        return True
+    if user.op != "call_function" or user.target is not operator.getitem or user.args[0] is not cache:
+        return False
+    before, after = _shape(cache), _shape(user)
+    if before is None or after is None or len(before) != len(after) or not _same_dim(before[-1], after[-1]):
+        return False
+    return bool(user.users) and all(_only_returned(u, user) for u in user.users)
+
+
 def _check_side_contained(s: _Side, consumer: Node, name: str) -> None:
     """Every user of the path's nodes stays on the path (the cache may also be returned)."""
     inside = set(s.nodes)
@@ -746,7 +832,7 @@ def _check_side_contained(s: _Side, consumer: Node, name: str) -> None:
         for user in node.users:
             if user in inside or user is consumer:
                 continue
-            if user.op == "output" and node is s.cache:
+            if node is s.cache and _only_returned(user, node):
                 continue
             raise _NotAttn(f"the {name} path's `{node.name}` is also used by `{user.name}` outside the attention",
                            user, s.unit)
@@ -754,7 +840,7 @@ def _check_side_contained(s: _Side, consumer: Node, name: str) -> None:
 
 def _unit_consumers(unit: LoraUnit) -> set[Node]:
     """The nodes of ``unit`` that read its input (base and LoRA A, with PEFT's casts/dropout)."""
-    allowed = {unit.base.node}
+    allowed = {unit.base.node, *unit.base.inner}
     starts = [unit.base.input] + [b.a.input for b in unit.branches]
     allowed.update(b.a.node for b in unit.branches)
     for cur in starts:
@@ -842,6 +928,38 @@ def _skip(skipped: list[Skipped], unit: LoraUnit | None, reason: str, where: str
     skipped.append(Skipped(unit.fqn, reason, where))
 
 
+def _check_fused_sides(results: list[Any]) -> list[Any]:
+    """Sides that are parts of a fused projection, kept only when the fused output is read through
+    its pieces alone: the rewrite computes the union of the kept rows, so any other reader of the
+    fused output (or of the view/split between) would see dropped rows as zeros."""
+    sides = [r for r in results if isinstance(r, _Side) and r.unit.part is not None]
+    out = list(results)
+    for side in sides:
+        part = side.unit.part
+        family = [s for s in sides if s.unit.part.parent is part.parent]  # type: ignore[union-attr]
+        shared = {n for s in family for n in s.shared}
+        traced = {s.unit.part.piece: s.unit.part for s in family}  # type: ignore[union-attr]
+        for node in shared:
+            for user in node.users:
+                if user in shared or user in traced:
+                    continue
+                other = last_dim_piece(user)
+                if other is not None and other[0] in shared and not any(
+                        other[1] < p.offset % p.period + p.block and p.offset % p.period < other[2]
+                        for p in traced.values() if p.block != p.width) and not any(
+                        other[1] < p.offset + p.width and p.offset < other[2]
+                        for p in traced.values() if p.block == p.width):
+                    continue  # an untraced part: its rows stay dense
+                out[results.index(side)] = _NotAttn(
+                    f"the fused projection `{part.parent.fqn}` is also read by `{user.name}`, not through "
+                    "its q/k/v pieces", user, part.parent)
+                break
+            else:
+                continue
+            break
+    return out
+
+
 def _site_groups(site: _Site, by_output: dict[Node, LoraUnit], by_input: dict[Node, list[LoraUnit]],
                  groups: list[Group], skipped: list[Skipped]) -> None:
     q = _try(_trace_operand, site.query, "q", by_output)
@@ -852,6 +970,8 @@ def _site_groups(site: _Site, by_output: dict[Node, LoraUnit], by_input: dict[No
 
     def unit_of(res: Any) -> LoraUnit | None:
         return res.unit if isinstance(res, (_Side, _NotAttn)) else res[0]
+
+    q, k, v = _check_fused_sides([q, k, v])
 
     fused: set[int] = set()
     for res in (q, k, v):

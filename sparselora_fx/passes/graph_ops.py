@@ -111,7 +111,9 @@ class LinearCall:
     """One ``y = x W^T (+ b)`` application, whatever its spelling.
 
     ``weight_transposed`` is True when the weight node is stored ``[in, out]`` (``x @ W`` with a
-    weight kept pre-transposed), False for the nn.Linear layout ``[out, in]``.
+    weight kept pre-transposed, transformers' ``Conv1D``), False for the nn.Linear layout
+    ``[out, in]``. ``inner`` are the nodes between ``input`` and ``node`` that belong to the
+    spelling (Conv1D's ``x.view(-1, in)`` and ``addmm``): they die with ``node`` when it is rewritten.
     """
 
     node: Node
@@ -119,6 +121,12 @@ class LinearCall:
     weight: Node
     bias: Node | None
     weight_transposed: bool
+    inner: tuple[Node, ...] = ()
+
+    @property
+    def reader(self) -> Node:
+        """The node that reads ``input`` (its first argument): ``node`` or Conv1D's flattening view."""
+        return self.inner[0] if self.inner else self.node
 
 
 def _transpose_source(node: Any) -> Node | None:
@@ -142,10 +150,44 @@ def _transpose_source(node: Any) -> Node | None:
     return None
 
 
+VIEW_METHODS = {"view", "reshape"}
+ADDMM_FNS = {torch.addmm}
+
+
+def _conv1d(node: Node) -> LinearCall | None:
+    """transformers' ``Conv1D``: ``addmm(b, x.view(-1, in), W).view(*x.shape[:-1], out)``, W stored [in, out]."""
+    if not is_call(node, {torch.reshape}, VIEW_METHODS) or not node.args:
+        return None
+    mm = node.args[0]
+    if not is_call(mm, ADDMM_FNS) or len(mm.args) != 3 or mm.kwargs or len(mm.users) != 1:
+        return None
+    bias, flat, w = mm.args
+    if not (isinstance(flat, Node) and isinstance(w, Node) and is_call(flat, {torch.reshape}, VIEW_METHODS)):
+        return None
+    x = flat.args[0] if flat.args else None
+    x_val, w_val, out_val = example_value(x), example_value(w), example_value(node)
+    if not all(isinstance(v, torch.Tensor) for v in (x_val, w_val, out_val)) or w_val.dim() != 2:
+        return None
+    lead_out, lead_x = out_val.shape[:-1], x_val.shape[:-1]
+    if len(flat.users) != 1 or x_val.dim() < 2 or len(lead_out) != len(lead_x) or any(
+            str(a) != str(b) for a, b in zip(lead_out, lead_x)):
+        return None  # only the flatten -> addmm -> unflatten round trip keeps the token dims
+    if str(x_val.shape[-1]) != str(w_val.shape[0]) or str(out_val.shape[-1]) != str(w_val.shape[1]):
+        return None
+    b = bias if isinstance(bias, Node) else None
+    b_val = example_value(b)
+    if b is None or not isinstance(b_val, torch.Tensor) or b_val.dim() != 1:
+        return None  # Conv1D always has a [out] bias; anything else is some other addmm
+    return LinearCall(node, x, w, b, True, (flat, mm))
+
+
 def as_linear(node: Any) -> LinearCall | None:
     """Recognise a linear application; None for anything else (including batched matmuls of activations)."""
     if not isinstance(node, Node):
         return None
+    conv = _conv1d(node)
+    if conv is not None:
+        return conv
     if is_call(node, LINEAR_FNS):
         args = list(node.args) + [None] * 3
         x = args[0]

@@ -9,15 +9,16 @@ proven is not grouped and lands in ``skipped`` with the op and the place that st
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch.fx import Node
 
 from . import graph_ops as ops
-from .units import LoraUnit
+from .units import LoraUnit, last_dim_piece, part_unit
 
 log = logging.getLogger("sparselora_fx")
 
@@ -104,6 +105,88 @@ def activation_name(node: Node) -> str | None:
     return None
 
 
+# Ops an activation written out as a formula may use (``0.5 * x * (1 + tanh(c * (x + a * x**3))))``.
+_FORMULA_FNS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
+                torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.tanh, torch.sigmoid,
+                torch.exp, torch.erf, torch.sqrt, torch.rsqrt, torch.square}
+_FORMULA_METHODS = {"add", "sub", "mul", "div", "neg", "pow", "tanh", "sigmoid", "exp", "erf", "sqrt", "rsqrt",
+                    "square", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
+                    "__truediv__", "__pow__", "__neg__"}
+_FORMULA_MAX_NODES = 24
+_PROBE = torch.linspace(-8.0, 8.0, 161, dtype=torch.float64)
+
+
+def _formula_nodes(root: Node) -> tuple[Node, list[Node]] | None:
+    """The one tensor ``x`` that ``root`` is an elementwise formula of (scalars aside), and the formula's nodes."""
+    nodes: list[Node] = []
+    leaves: set[Node] = set()
+    stack = [root]
+    while stack:
+        n = stack.pop()
+        if n in nodes or n in leaves:
+            continue
+        if ops.is_call(n, _FORMULA_FNS, _FORMULA_METHODS) and not n.kwargs:
+            if not all(isinstance(a, Node) or ops.is_scalar(a) for a in n.args):
+                return None
+            nodes.append(n)
+            stack.extend(a for a in n.args if isinstance(a, Node))
+        elif ops.is_scalar_like(n):
+            return None
+        else:
+            leaves.add(n)
+        if len(nodes) > _FORMULA_MAX_NODES:
+            return None
+    if len(leaves) != 1 or len(nodes) < 2:
+        return None
+    return next(iter(leaves)), nodes
+
+
+def _evaluate(root: Node, x: Node, values: torch.Tensor) -> torch.Tensor:
+    """Run the formula from ``x`` to ``root`` on ``values`` (float64, eager)."""
+    env: dict[Node, Any] = {x: values}
+
+    def run(n: Node) -> Any:
+        if n not in env:
+            args = [run(a) if isinstance(a, Node) else a for a in n.args]
+            if n.op == "call_method":
+                env[n] = getattr(args[0], n.target)(*args[1:])
+            else:
+                env[n] = n.target(*args)
+        return env[n]
+
+    return run(root)
+
+
+def formula_activation(node: Node) -> tuple[str, Node, list[Node]] | None:
+    """An activation spelled as elementwise ops (GPT-2's ``gelu_new``): (name, x, the formula's nodes).
+
+    Why by value: the same function has many spellings (``0.5 * x * (1 + tanh(...))``, ``x * 0.5 *
+    ...``, FastGELU's ``x * x`` for ``x ** 2``); a sub-graph that is an elementwise function of one
+    tensor is identified by evaluating it on 161 points in [-8, 8] and comparing with each named
+    activation the selection ops know, to 1e-6.
+    """
+    from ..runtime.selection import ACTIVATIONS
+
+    if not (ops.is_mul(node) or ops.is_call(node, _FORMULA_FNS, _FORMULA_METHODS)):
+        return None
+    found = _formula_nodes(node)
+    if found is None:
+        return None
+    x, nodes = found
+    try:
+        with torch.no_grad():
+            y = _evaluate(node, x, _PROBE.clone())
+    except Exception:  # noqa: BLE001 - a formula we cannot evaluate is simply not an activation
+        return None
+    if not isinstance(y, torch.Tensor) or y.shape != _PROBE.shape:
+        return None
+    for name, fn in ACTIVATIONS.items():
+        ref = fn(_PROBE)
+        if torch.allclose(y, ref, rtol=1e-6, atol=1e-6):
+            return name, x, nodes
+    return None
+
+
 class _NotMLP(Exception):
     def __init__(self, reason: str, where: Node | None = None):
         super().__init__(reason)
@@ -136,6 +219,14 @@ def _trace_mlp(down: LoraUnit, by_output: dict[Node, LoraUnit]
             return
         if node in interior:
             raise _NotMLP("the intermediate is reused inside the MLP", node)
+        piece = last_dim_piece(node)
+        if piece is not None and piece[0] in by_output:
+            parent = by_output[piece[0]]
+            if parent.scope is not down.scope:
+                raise _NotMLP("producer unit is in another graph scope", node)
+            start, stop = piece[1], piece[2]
+            sources.append((part_unit(parent, f"{start}:{stop}", start, stop - start, node), under_act))
+            return
         name = activation_name(node)
         if name is not None:
             if act_node is not None:
@@ -143,6 +234,15 @@ def _trace_mlp(down: LoraUnit, by_output: dict[Node, LoraUnit]
             act_node, act = node, name
             interior.append(node)
             visit(node.args[0], True)
+            return
+        formula = formula_activation(node)
+        if formula is not None:
+            if act_node is not None:
+                raise _NotMLP("two activations between the projections", node)
+            act, x, nodes = formula
+            act_node = node
+            interior.extend(nodes)
+            visit(x, True)
             return
         if ops.is_dtype_cast(node) or ops.is_dropout(node) or ops.is_call(node, methods=ops.CONTIGUOUS_METHODS):
             interior.append(node)
@@ -166,6 +266,7 @@ def _check_contained(group_nodes: set[Node], down: LoraUnit, sources: list[LoraU
     """Every user of the narrowing nodes must be inside the group, or narrowing changes others' inputs."""
     allowed = set(group_nodes)
     allowed.add(down.base.node)
+    allowed.update(down.base.inner)
     for b in down.branches:
         allowed.update({b.a.node, b.a.input})
         if b.dropout is not None:
@@ -178,6 +279,28 @@ def _check_contained(group_nodes: set[Node], down: LoraUnit, sources: list[LoraU
         for user in node.users:
             if user not in allowed and not _feeds_only(user, allowed):
                 raise _NotMLP(f"the intermediate is also used by `{user.name}` outside the MLP", user)
+
+
+def _check_parts(members: list[LoraUnit]) -> None:
+    """A fused gate_up must be read only through the group's pieces, all of them, without overlap."""
+    parents = {id(u.part.parent): u.part.parent for u in members if u.part is not None}
+    for parent in parents.values():
+        parts = sorted((u.part for u in members if u.part is not None and u.part.parent is parent),
+                       key=lambda p: p.offset)
+        if len(parts) < 2 or any(p.width != parts[0].width for p in parts):
+            raise _NotMLP(f"fused projection `{parent.fqn}`: only some of its parts feed this MLP", parent.output)
+        if [(p.offset, p.offset + p.width) for p in parts] != [
+                (i * parts[0].width, (i + 1) * parts[0].width) for i in range(len(parts))] or \
+                parts[-1].offset + parts[-1].width != parent.out_features:
+            raise _NotMLP(f"fused projection `{parent.fqn}`: its parts do not tile its output", parent.output)
+        pieces = {p.piece for p in parts}
+        split_nodes = {p.piece.args[0] for p in parts} - {parent.output}
+        for user in parent.output.users:
+            if user not in pieces and user not in split_nodes:
+                raise _NotMLP(f"fused projection `{parent.fqn}` is also used by `{user.name}`", user)
+        for split in split_nodes:
+            if any(user not in pieces for user in split.users):
+                raise _NotMLP(f"fused projection `{parent.fqn}`: a piece is used outside the MLP", split)
 
 
 def _feeds_only(node: Node, allowed: set[Node]) -> bool:
@@ -213,6 +336,7 @@ def find_mlp_groups(units: list[LoraUnit]) -> tuple[list[Group], list[Skipped]]:
             if members[0].out_features != down.in_features:
                 raise _NotMLP("intermediate width differs from the down projection's input")
             _check_contained(set(interior), down, [u for u, _ in sources])
+            _check_parts(members)
         except _NotMLP as err:
             skipped.append(Skipped(down.fqn, f"MLP not grouped: {err.reason}", err.where))
             continue

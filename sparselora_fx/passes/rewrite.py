@@ -25,7 +25,7 @@ from torch.fx import Graph, GraphModule, Node
 from .groups import Group, Skipped
 from .plan import GroupPlan, Plan
 from .tokens import Budget, TokenSplit, drop_markers, find_output_tokens, insert_token_split, merge_rows, take_rows
-from .units import LoraUnit, Scope
+from .units import FusedPart, LoraUnit, Scope
 
 log = logging.getLogger("sparselora_fx")
 
@@ -47,15 +47,102 @@ def _order(graph: Graph) -> dict[Node, int]:
 
 
 def _weight_oriented(graph: Graph, unit: LoraUnit) -> Node:
-    """The frozen weight as ``[out, in]`` (a ``t()`` node for weights stored pre-transposed)."""
-    if not unit.base.weight_transposed:
-        return unit.weight
-    return graph.call_method("t", (unit.weight,))
+    """The frozen weight as ``[out, in]`` (a ``t()`` view for weights stored pre-transposed, Conv1D).
+
+    For a part of a fused projection: the part's rows of the fused weight (a slice view, or for a
+    per-head interleaved part a gather of its rows), and the part's bias slice is bound to
+    ``unit.part.bias`` so ``unit.bias`` reads it.
+    """
+    w = unit.weight if not unit.base.weight_transposed else graph.call_method("t", (unit.weight,))
+    part = unit.part
+    if part is None:
+        return w
+    if unit.base.bias is not None:
+        part.bias = _part_rows_of(graph, part, unit.base.bias)
+    return _part_rows_of(graph, part, w)
+
+
+def _part_rows_of(graph: Graph, part: FusedPart, t: Node) -> Node:
+    """``t``'s rows (dim 0) that belong to ``part``: ``t[offset:offset + width]`` for a contiguous
+    part, else ``t.unflatten(0, (-1, period))[:, offset:offset + block].flatten(0, 1)``."""
+    if part.block == part.width:
+        return graph.call_function(operator.getitem, (t, slice(part.offset, part.offset + part.width)))
+    grouped = graph.call_function(torch.unflatten, (t, 0, (-1, part.period)))
+    rows = graph.call_function(operator.getitem, (grouped, (slice(None), slice(part.offset, part.offset + part.block))))
+    return graph.call_function(torch.flatten, (rows, 0, 1))
+
+
+def _fused_rows(graph: Graph, part: FusedPart, idx: Node) -> Node:
+    """Part channel indices -> fused weight rows: ``(idx // block) * period + offset + idx % block``."""
+    if part.block == part.width:
+        return graph.call_function(operator.add, (idx, part.offset))
+    head = graph.call_function(operator.mul, (graph.call_function(operator.floordiv, (idx, part.block)), part.period))
+    within = graph.call_function(operator.mod, (idx, part.block))
+    return graph.call_function(operator.add, (graph.call_function(operator.add, (head, within)), part.offset))
+
+
+class FusedRewrites:
+    """Kept rows per fused projection, gathered from every group that reads one of its parts.
+
+    Why: q, k and v of one ``qkv_proj`` live in different groups (Q/K, V/O), each with its own
+    kept set, but the frozen GEMM is one; after every group has chosen, ``finish`` computes only
+    the union of the kept rows with one ``rows_linear_scatter`` (dropped rows are zeros, as for an
+    unfused q/k/v), and parts no group chose for (dense by policy) keep all their rows.
+    """
+
+    def __init__(self) -> None:
+        self.chosen: dict[int, list[tuple[FusedPart, Node]]] = {}
+
+    def add(self, unit: LoraUnit, idx: Node) -> None:
+        part = unit.part
+        assert part is not None
+        with unit.graph_module.graph.inserting_before(unit.base.node):
+            rows = _fused_rows(unit.graph_module.graph, part, idx)
+        self.chosen.setdefault(id(part.parent), []).append((part, rows))
+
+    def finish(self, skipped: list[Skipped]) -> None:
+        ops = _ops()
+        for chosen in self.chosen.values():
+            parent = chosen[0][0].parent
+            graph = parent.graph_module.graph
+            rows_taken = [r for part, _ in chosen for r in part.rows()]
+            if len(set(rows_taken)) != len(rows_taken):  # grouping rules this out; never guess
+                warnings.warn(f"sparselora: {parent.fqn}: its parts overlap, so its frozen GEMM stays dense",
+                              stacklevel=3)
+                skipped.append(Skipped(parent.fqn, "fused projection whose parts overlap: its GEMM stays dense"))
+                continue
+            rest = sorted(set(range(parent.out_features)) - set(rows_taken))
+            device = _example_device(parent)
+            with graph.inserting_before(parent.base.node):
+                pieces = [rows for _, rows in chosen]
+                if rest:
+                    pieces.append(graph.call_function(torch.tensor, (rest,), {"dtype": torch.int64, "device": device}))
+                idx = graph.call_function(torch.cat, (pieces,))
+                idx = graph.call_function(operator.getitem, (graph.call_function(torch.sort, (idx,)), 0))
+                w = _weight_oriented(graph, parent)
+                new = graph.call_function(ops.rows_linear_scatter.default,
+                                          (_compute_input(parent), w, idx, parent.bias))
+            _replace_base(parent, new)
+
+
+def _example_device(unit: LoraUnit) -> torch.device:
+    from . import graph_ops
+
+    val = graph_ops.example_value(unit.weight)
+    return val.device if isinstance(val, torch.Tensor) else torch.device("cpu")
 
 
 def _replace(old: Node, new: Node) -> None:
     old.replace_all_uses_with(new)
     old.graph.erase_node(old)
+
+
+def _replace_base(unit: LoraUnit, new: Node) -> None:
+    """Swap the frozen linear for ``new``; the nodes of its spelling (Conv1D's views) go with it."""
+    _replace(unit.base.node, new)
+    for node in reversed(unit.base.inner):
+        if not node.users:
+            node.graph.erase_node(node)
 
 
 def _slice_lora(graph: Graph, unit: LoraUnit, idx: Node, side: str) -> None:
@@ -77,7 +164,7 @@ def _slice_lora(graph: Graph, unit: LoraUnit, idx: Node, side: str) -> None:
 
 def _compute_input(unit: LoraUnit) -> Any:
     """What the base linear reads now (a token split rewires it from ``unit.base.input``)."""
-    return unit.base.node.args[0]
+    return unit.base.reader.args[0]
 
 
 def _split_linear(graph: Graph, split: TokenSplit, x: Any, dense: Callable[[Node], Node],
@@ -160,6 +247,12 @@ def _rewrite_mlp(gp: GroupPlan, mask: Node | None, split: TokenSplit | None = No
     x = first.base.input
     if second is not None and second.base.input is not x:
         raise CannotRewrite("gate and up read different inputs")
+    if (first.part is None) != (second is None or second.part is None) or (
+            second is not None and first.part is not None and second.part.parent is not first.part.parent):
+        raise CannotRewrite("gate and up are not the two halves of one fused projection")
+    if split is not None and first.part is not None:
+        raise CannotRewrite("a fused gate_up cannot split its tokens (tokens = \"output_dense\"); "
+                            "use tokens = \"all_sparse\" to sparsify it")
     if split is not None:
         _split_mlp_tokens(group, split)
     with graph.inserting_before(anchor):
@@ -170,28 +263,57 @@ def _rewrite_mlp(gp: GroupPlan, mask: Node | None, split: TokenSplit | None = No
             (x, w1, first.bias, w2, second.bias if second is not None else None, mask, gp.keep, group.act,
              *_estimator_args(gp)),
         )
+    if first.part is not None:
+        _rows_fused_mlp(graph, [u for u in (first, second) if u is not None], idx, gp.keep)
     for unit, w in ((first, w1), (second, w2)):
-        if unit is None:
+        if unit is None or unit.part is not None:
             continue
         with graph.inserting_before(unit.base.node):
             new = graph.call_function(ops.rows_linear.default, (_compute_input(unit), w, idx, unit.bias))
-        _replace(unit.base.node, new)
+        _replace_base(unit, new)
         _slice_lora(graph, unit, idx, "out")
     with graph.inserting_before(down.base.node):
         wd = _weight_oriented(graph, down)
         new = graph.call_function(ops.cols_linear.default, (down.base.input, wd, idx))
         if down.bias is not None:
             new = graph.call_function(torch.add, (new, down.bias))
-    _replace(down.base.node, new)
+    _replace_base(down, new)
     _slice_lora(graph, down, idx, "in")
 
 
-def _rewrite_vo(gp: GroupPlan, mask: Node | None, split: TokenSplit | None = None) -> None:
+def _rows_fused_mlp(graph: Graph, parts: list[LoraUnit], idx: Node, keep: int) -> None:
+    """A fused gate_up computes rows ``[idx, idx + I]`` (its LoRA B the same rows); the pieces it
+    was chunked into are re-split to ``keep`` columns each."""
+    ops = _ops()
+    parts = sorted(parts, key=lambda u: u.part.offset)  # type: ignore[union-attr]
+    parent = parts[0].part.parent  # type: ignore[union-attr]
+    with graph.inserting_before(parent.base.node):
+        rows = graph.call_function(torch.cat, ([_fused_rows(graph, u.part, idx) for u in parts],))  # type: ignore[arg-type]
+        w = _weight_oriented(graph, parent)
+        new = graph.call_function(ops.rows_linear.default, (_compute_input(parent), w, rows, parent.bias))
+    _replace_base(parent, new)
+    _slice_lora(graph, parent, rows, "out")
+    old_splits = {u.part.piece.args[0] for u in parts} - {parent.output}  # type: ignore[union-attr]
+    with graph.inserting_after(parent.output):
+        pieces = graph.call_function(torch.split, (parent.output, [keep] * len(parts), -1))
+    with graph.inserting_after(pieces):
+        for i, unit in enumerate(parts):
+            piece = graph.call_function(operator.getitem, (pieces, i))
+            _replace(unit.part.piece, piece)  # type: ignore[union-attr]
+            unit.part.piece = unit.output = piece  # type: ignore[union-attr]
+    for node in old_splits:
+        if not node.users:
+            graph.erase_node(node)
+
+
+def _rewrite_vo(gp: GroupPlan, mask: Node | None, split: TokenSplit | None = None,
+                fused: FusedRewrites | None = None) -> None:
     group = gp.group
     ops = _ops()
     v, o = group.units
     graph = v.scope.gm.graph
     _check_covers(split, v.base.input, o.base.input)
+    _check_fused(group, split, fused)
     with graph.inserting_before(v.base.node):
         wv = _weight_oriented(graph, v)
         sel = graph.call_function(
@@ -201,13 +323,18 @@ def _rewrite_vo(gp: GroupPlan, mask: Node | None, split: TokenSplit | None = Non
         )
         idx_v = graph.call_function(operator.getitem, (sel, 0))
         idx_o = graph.call_function(operator.getitem, (sel, 1))
-        if split is None:
+        if v.part is not None:
+            new_v = None
+        elif split is None:
             new_v = graph.call_function(ops.rows_linear_scatter.default, (v.base.input, wv, idx_v, v.bias))
         else:
             new_v = _split_linear(
                 graph, split, v.base.input, lambda r: graph.call_function(F.linear, (r, wv, v.bias)),
                 lambda r: graph.call_function(ops.rows_linear_scatter.default, (r, wv, idx_v, v.bias)))
-    _replace(v.base.node, new_v)
+    if new_v is None:
+        fused.add(v, idx_v)
+    else:
+        _replace_base(v, new_v)
     with graph.inserting_before(o.base.node):
         wo = _weight_oriented(graph, o)
         if split is None:
@@ -218,19 +345,21 @@ def _rewrite_vo(gp: GroupPlan, mask: Node | None, split: TokenSplit | None = Non
                 lambda r: graph.call_function(ops.cols_linear_gather.default, (r, wo, idx_o)))
         if o.bias is not None:
             new_o = graph.call_function(torch.add, (new_o, o.bias))
-    _replace(o.base.node, new_o)
+    _replace_base(o, new_o)
 
 
-def _rewrite_qk(gp: GroupPlan, mask: Node | None, split: TokenSplit | None = None) -> None:
+def _rewrite_qk(gp: GroupPlan, mask: Node | None, split: TokenSplit | None = None,
+                fused: FusedRewrites | None = None) -> None:
     group = gp.group
     ops = _ops()
     q, k = group.units
     graph = q.scope.gm.graph
     _check_covers(split, q.base.input, k.base.input)
+    _check_fused(group, split, fused)
     order = _order(graph)
     anchor = min(q.base.node, k.base.node, key=order.__getitem__)
     for x in (q.base.input, k.base.input):
-        if isinstance(x, Node) and order[x] >= order[anchor]:
+        if isinstance(x, Node) and order[x] >= order[anchor] and q.base is not k.base:
             raise CannotRewrite("the key input is computed after the query projection")
     # Without RoPE the plan counts every head dim as a (single-dim) rotary unit (plan.qk_units);
     # select_qk reads the same only when told rotary_dim = head_dim (rotary_dim 0 = pass-through).
@@ -246,6 +375,9 @@ def _rewrite_qk(gp: GroupPlan, mask: Node | None, split: TokenSplit | None = Non
         idx_q = graph.call_function(operator.getitem, (sel, 0))
         idx_k = graph.call_function(operator.getitem, (sel, 1))
     for unit, w, idx in ((q, wq, idx_q), (k, wk, idx_k)):
+        if unit.part is not None:
+            fused.add(unit, idx)  # type: ignore[union-attr]
+            continue
         with graph.inserting_before(unit.base.node):
             if split is None:
                 new = graph.call_function(ops.rows_linear_scatter.default, (unit.base.input, w, idx, unit.bias))
@@ -255,7 +387,17 @@ def _rewrite_qk(gp: GroupPlan, mask: Node | None, split: TokenSplit | None = Non
                     lambda r, w=w, b=unit.bias: graph.call_function(F.linear, (r, w, b)),
                     lambda r, w=w, i=idx, b=unit.bias: graph.call_function(
                         ops.rows_linear_scatter.default, (r, w, i, b)))
-        _replace(unit.base.node, new)
+        _replace_base(unit, new)
+
+
+def _check_fused(group: Group, split: TokenSplit | None, fused: FusedRewrites | None) -> None:
+    if not any(u.part is not None for u in group.units):
+        return
+    if fused is None:
+        raise CannotRewrite("parts of a fused projection need the fused-rows pass (internal error)")
+    if split is not None:
+        raise CannotRewrite("a fused projection cannot split its tokens (tokens = \"output_dense\"); "
+                            "use tokens = \"all_sparse\" to sparsify it")
 
 
 def _check_covers(split: TokenSplit | None, *inputs: Any) -> None:
@@ -263,7 +405,7 @@ def _check_covers(split: TokenSplit | None, *inputs: Any) -> None:
         raise CannotRewrite("its inputs' tokens are not the output-token mask's tokens")
 
 
-REWRITERS: dict[str, Callable[[GroupPlan, Node | None, TokenSplit | None], None]] = {
+REWRITERS: dict[str, Callable[..., None]] = {
     "gated_mlp": _rewrite_mlp,
     "mlp": _rewrite_mlp,
     "attn_vo": _rewrite_vo,
@@ -348,6 +490,7 @@ def rewrite_graph(gm: GraphModule, plan: Plan, example_inputs: list[Any], skippe
         touched[-1] = Scope(gm)
     done = 0
     in_subgraph = 0
+    fused = FusedRewrites()
     for gp in list(plan.groups):
         group = gp.group
         scope_id = id(group.units[0].scope)
@@ -355,7 +498,8 @@ def rewrite_graph(gm: GraphModule, plan: Plan, example_inputs: list[Any], skippe
             in_subgraph += 1
         try:
             _check(gp, real)
-            REWRITERS[group.kind](gp, group.mask or masks.get(scope_id), split if scope_id == split_scope else None)
+            REWRITERS[group.kind](gp, group.mask or masks.get(scope_id), split if scope_id == split_scope else None,
+                                  **({"fused": fused} if group.kind.startswith("attn") else {}))
         except CannotRewrite as err:
             warnings.warn(f"sparselora: {group.name} ({group.kind}) stays dense: {err}", stacklevel=3)
             skipped.append(Skipped(group.name, f"{group.kind} not rewritten: {err}"))
@@ -363,6 +507,7 @@ def rewrite_graph(gm: GraphModule, plan: Plan, example_inputs: list[Any], skippe
             continue
         touched[id(group.units[0].scope)] = group.units[0].scope
         done += 1
+    fused.finish(skipped)
     if in_subgraph:
         skipped.append(Skipped("tokens", f"output_dense: {in_subgraph} group(s) in sub-graphs run every token "
                                "sparse (the token split lives in the top-level graph)"))

@@ -69,6 +69,8 @@ class LoraUnit:
     in_features: int
     out_features: int
     role: str = ""
+    part: "FusedPart | None" = None  # set on a part of a fused projection (see ``part_unit``)
+    parts: dict[tuple[int, int, int], "LoraUnit"] = field(default_factory=dict, repr=False)
 
     @property
     def weight(self) -> Node:
@@ -76,7 +78,8 @@ class LoraUnit:
 
     @property
     def bias(self) -> Node | None:
-        return self.base.bias
+        """The frozen bias; for a part, its slice (bound by the rewrite when it slices the weight)."""
+        return self.part.bias if self.part is not None else self.base.bias
 
     @property
     def graph_module(self) -> GraphModule:
@@ -85,6 +88,149 @@ class LoraUnit:
     @property
     def lora_rank(self) -> int:
         return sum(b.rank for b in self.branches)
+
+
+@dataclass(eq=False)
+class FusedPart:
+    """Which output rows of a fused projection (qkv_proj, gate_up_proj, c_attn) one part reads.
+
+    Part channel ``c`` is fused row ``(c // block) * period + offset + c % block``: a contiguous
+    range has ``block = width`` (Phi-3, GPT-2); GPT-NeoX's per-head ``[q_h, k_h, v_h]`` layout has
+    ``block = head_dim``, ``period = 3 * head_dim``. ``piece`` is the graph node holding the part.
+    """
+
+    parent: "LoraUnit"
+    name: str
+    offset: int
+    width: int
+    block: int
+    period: int
+    piece: Node
+    bias: Node | None = None  # the part's slice of the parent's bias, made by the rewrite
+
+    def rows(self) -> list[int]:
+        """Every fused row of this part, in part-channel order."""
+        return [(c // self.block) * self.period + self.offset + c % self.block for c in range(self.width)]
+
+
+def part_unit(parent: LoraUnit, name: str, offset: int, width: int, piece: Node, *, block: int | None = None,
+              period: int | None = None) -> LoraUnit:
+    """The unit standing for one part of ``parent``'s output (one object per part, reused).
+
+    It shares the parent's frozen linear, input and LoRA; ``output`` is the piece, ``out_features``
+    the part's width, ``fqn`` the parent's with ``[name]``.
+    """
+    block = width if block is None else block
+    period = parent.out_features if period is None else period
+    key = (offset, block, period)
+    unit = parent.parts.get(key)
+    if unit is None or unit.output is not piece:
+        unit = LoraUnit(fqn=f"{parent.fqn}[{name}]", scope=parent.scope, base=parent.base, input=parent.input,
+                        branches=parent.branches, adds=parent.adds, output=piece, in_features=parent.in_features,
+                        out_features=width,
+                        part=FusedPart(parent, name, offset, width, block, period, piece))
+        parent.parts[key] = unit
+    return unit
+
+
+def expand_fused(units: list[LoraUnit], groups: list) -> list[LoraUnit]:
+    """``units`` with each fused projection that has a grouped part replaced by its parts.
+
+    Why: the report, the plan and the rewrite speak of units with one role each; a fused qkv_proj
+    is three (q, k, v). Parts take the parent's name plus ``[role]``.
+    """
+    grouped = {id(u) for g in groups for u in g.units}
+    out: list[LoraUnit] = []
+    for unit in units:
+        parts = sorted(unit.parts.values(), key=lambda u: u.part.offset)  # type: ignore[union-attr]
+        if not any(id(p) in grouped for p in parts):
+            out.append(unit)
+            continue
+        for p in parts:
+            if p.role:
+                p.fqn = f"{unit.fqn}[{p.role}]"
+        out.extend(parts)
+    return out
+
+
+SPLIT_FNS = {torch.chunk, torch.split, torch.tensor_split}
+SPLIT_METHODS = {"chunk", "split", "tensor_split", "split_with_sizes"}
+
+
+def _split_bounds(split: Node, width: int) -> list[tuple[int, int]] | None:
+    """The [start, stop) of each piece of a last-dim chunk/split of a ``width``-wide tensor."""
+    src = split.args[0]
+    val = ops.example_value(src)
+    if not isinstance(val, torch.Tensor) or val.dim() < 1:
+        return None
+    name = split.target if isinstance(split.target, str) else split.target.__name__
+    if name == "tensor_split":
+        return None
+    size = split.args[1] if len(split.args) > 1 else split.kwargs.get("chunks", split.kwargs.get(
+        "split_size_or_sections", split.kwargs.get("split_size", split.kwargs.get("split_sizes"))))
+    dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+    if not isinstance(dim, int) or dim % val.dim() != val.dim() - 1:
+        return None
+    if name == "chunk":
+        if not isinstance(size, int) or size < 1:
+            return None
+        step = -(-width // size)
+        sizes = [min(step, width - i) for i in range(0, width, step)]
+    elif isinstance(size, int):
+        sizes = [min(size, width - i) for i in range(0, width, size)]
+    elif isinstance(size, (list, tuple)) and all(isinstance(v, int) for v in size):
+        sizes = list(size)
+    else:
+        return None
+    if sum(sizes) != width:
+        return None
+    bounds, start = [], 0
+    for n in sizes:
+        bounds.append((start, start + n))
+        start += n
+    return bounds
+
+
+def last_dim_piece(node: object) -> tuple[Node, int, int, Node | None] | None:
+    """``node`` as a contiguous piece of its source's last dim: (source, start, stop, split node).
+
+    Recognises ``chunk``/``split`` items along the last dim and ``src[..., a:b]`` slices.
+    """
+    import operator
+
+    if not (isinstance(node, Node) and node.op == "call_function" and node.target is operator.getitem):
+        return None
+    src, idx = node.args
+    if not isinstance(src, Node):
+        return None
+    if ops.is_call(src, SPLIT_FNS, SPLIT_METHODS) and isinstance(idx, int):
+        inner = src.args[0]
+        val = ops.example_value(inner)
+        if not isinstance(inner, Node) or not isinstance(val, torch.Tensor) or not isinstance(val.shape[-1], int):
+            return None
+        bounds = _split_bounds(src, int(val.shape[-1]))
+        if bounds is None or not 0 <= idx < len(bounds):
+            return None
+        return inner, bounds[idx][0], bounds[idx][1], src
+    val = ops.example_value(src)
+    if not isinstance(val, torch.Tensor) or not isinstance(val.shape[-1], int):
+        return None
+    items = idx if isinstance(idx, tuple) else (idx,)
+    if items and items[0] is Ellipsis:
+        rest = items[1:]
+    elif len(items) == val.dim() and all(i == slice(None) for i in items[:-1]):
+        rest = items[-1:]
+    else:
+        return None
+    if len(rest) != 1 or not isinstance(rest[0], slice):
+        return None
+    sl = rest[0]
+    if any(v is not None and not isinstance(v, int) for v in (sl.start, sl.stop, sl.step)):
+        return None
+    start, stop, step = sl.indices(int(val.shape[-1]))
+    if step != 1 or stop <= start:
+        return None
+    return src, start, stop, None
 
 
 def iter_scopes(gm: GraphModule) -> Iterator[Scope]:

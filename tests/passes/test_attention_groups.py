@@ -127,18 +127,33 @@ def test_hf_attention_groups(arch: str, impl: str, mask: bool) -> None:
     assert not t.skipped
 
 
-@pytest.mark.parametrize("arch,qkv,out", [
-    ("gpt_neox", "gpt_neox.layers.{}.attention.query_key_value", "gpt_neox.layers.{}.attention.dense"),
-    ("phi3", "model.layers.{}.self_attn.qkv_proj", "model.layers.{}.self_attn.o_proj"),
-])
-def test_hf_fused_qkv_is_skipped(arch: str, qkv: str, out: str) -> None:
+# arch -> fused qkv name, o name, (offset, block, period) of the q, k, v parts in the fused output rows
+FUSED_LAYOUTS = {
+    "gpt_neox": ("gpt_neox.layers.{}.attention.query_key_value", "gpt_neox.layers.{}.attention.dense",
+                 [(0, 16, 48), (16, 16, 48), (32, 16, 48)]),  # per head [q_h, k_h, v_h]
+    "phi3": ("model.layers.{}.self_attn.qkv_proj", "model.layers.{}.self_attn.o_proj",
+             [(0, 64, 128), (64, 32, 128), (96, 32, 128)]),  # [q | k | v], GQA 4/2 heads
+    "gpt2": ("transformer.h.{}.attn.c_attn", "transformer.h.{}.attn.c_proj",
+             [(0, 64, 192), (64, 64, 192), (128, 64, 192)]),  # Conv1D, split(64, dim=2)
+}
+
+
+@pytest.mark.parametrize("arch", sorted(FUSED_LAYOUTS))
+def test_hf_fused_qkv_is_grouped_by_parts(arch: str) -> None:
+    qkv, out, layout = FUSED_LAYOUTS[arch]
     t = trace_hf(arch)
-    assert t.groups == []
-    for i in range(2):
-        for name in (qkv.format(i), out.format(i)):
-            reasons = {s.reason for s in t.skipped_for(name)}
-            assert reasons == {FUSED_REASON}, (name, t.skipped)
-    assert all(u.role == "" for u in t.units)
+    assert len(t.kind("attn_qk")) == 2 and len(t.kind("attn_vo")) == 2, t.skipped
+    assert not t.skipped
+    for i, (qk, vo) in enumerate(zip(t.kind("attn_qk"), t.kind("attn_vo"))):
+        q, k = qk.units
+        v, o = vo.units
+        assert o.fqn == out.format(i) and o.part is None
+        for unit, (offset, block, period) in zip((q, k, v), layout):
+            assert unit.part is not None and unit.part.parent.fqn == qkv.format(i)
+            assert (unit.part.offset, unit.part.block, unit.part.period) == (offset, block, period)
+        assert q.part.parent is k.part.parent is v.part.parent
+        rows = sorted(r for u in (q, k, v) for r in u.part.rows())
+        assert rows == list(range(q.part.parent.out_features)), "the parts tile the fused output"
 
 
 def test_hf_llama_gqa_head_map_matches_float64_run() -> None:
@@ -243,7 +258,7 @@ def repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
 
 class TinyAttention(nn.Module):
     def __init__(self, rope: str = "half", rotary_dim: int = HEAD_DIM, gqa: str = "enable_gqa",
-                 impl: str = "sdpa", spelling: str = "linear", fused: bool = False, q_op: str = "",
+                 impl: str = "sdpa", spelling: str = "linear", fused: bool | str = False, q_op: str = "",
                  leak_q: bool = False, q_scale: bool = False):
         super().__init__()
         self.scaling = HEAD_DIM ** -0.5 if q_scale else None
@@ -264,9 +279,13 @@ class TinyAttention(nn.Module):
         b, t, _ = x.shape
         src = x if memory is None else memory
         s = src.shape[1]
-        if self.fused:
-            q, k, v = self.qkv_proj(x).split([HEADS * HEAD_DIM, self.kv_heads * HEAD_DIM,
-                                              self.kv_heads * HEAD_DIM], dim=-1)
+        leaked = None
+        if self.fused == "unbind":  # equal widths only: q/k/v as a stack, not a last-dim split
+            q, k, v = self.qkv_proj(x).unflatten(-1, (3, -1)).unbind(-2)
+        elif self.fused:
+            qkv = self.qkv_proj(x)
+            q, k, v = qkv.split([HEADS * HEAD_DIM, self.kv_heads * HEAD_DIM, self.kv_heads * HEAD_DIM], dim=-1)
+            leaked = qkv.sum() if self.fused == "leak" else None
         else:
             q, k, v = self.q_proj(x), self.k_proj(src), self.v_proj(src)
         if self.scaling is not None:  # OPT-style: scale q before the head view
@@ -276,7 +295,7 @@ class TinyAttention(nn.Module):
         v = v.view(b, s, -1, HEAD_DIM).transpose(1, 2)
         if self.q_op == "sin":
             q = torch.sin(q)
-        leaked = q * 2.0 if self.leak_q else None
+        leaked = q * 2.0 if self.leak_q else leaked
         q = apply_rope(q, cos[:t], sin[:t], self.rope, self.rotary_dim)
         k = apply_rope(k, cos[:s], sin[:s], self.rope, self.rotary_dim)
         mask = None
@@ -418,11 +437,25 @@ def test_projection_output_used_outside_attention_is_skipped() -> None:
     assert "outside the attention" in s.reason
 
 
-def test_hand_written_fused_qkv_skips_qkv_and_o() -> None:
+def test_hand_written_fused_qkv_is_grouped() -> None:
     t = trace_block(fused=True)
+    (qk,), (vo,) = t.kind("attn_qk"), t.kind("attn_vo")
+    assert [u.part.offset for u in qk.units] == [0, HEADS * HEAD_DIM]
+    assert vo.units[0].part.offset == (HEADS + KV_HEADS) * HEAD_DIM
+
+
+def test_hand_written_fused_qkv_read_elsewhere_stays_dense() -> None:
+    """The rewrite zeroes dropped rows of the fused output: another reader would see them."""
+    t = trace_block(fused="leak")
+    assert t.groups == []
+    reasons = {s.reason for s in t.skipped_for("attn.qkv_proj")}
+    assert any("is also read by" in r for r in reasons), t.skipped
+
+
+def test_hand_written_fused_qkv_unbound_is_reported() -> None:
+    t = trace_block(fused="unbind", gqa="none")
     assert t.groups == []
     assert {s.reason for s in t.skipped_for("attn.qkv_proj")} == {FUSED_REASON}
-    assert {s.reason for s in t.skipped_for("attn.o_proj")} == {FUSED_REASON}
 
 
 def test_cross_attention_is_grouped() -> None:

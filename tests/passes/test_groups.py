@@ -14,16 +14,21 @@ from tests.conftest import analysis_model
 from tests.passes.test_units import HandLoRA
 
 # arch -> (units, gated_mlp, mlp, attn_qk, attn_vo) for 2 layers with LoRA on every linear
+# Fused projections are reported as their parts (qkv_proj -> [q], [k], [v]): units counts those.
 EXPECTED = {
     "llama": (14, 2, 0, 2, 2),
     "qwen2": (14, 2, 0, 2, 2),
+    "qwen3": (14, 2, 0, 0, 2),  # q_norm/k_norm before RoPE: Q/K dense
     "mistral": (14, 2, 0, 2, 2),
     "gemma": (14, 2, 0, 2, 2),
+    "gemma2": (14, 2, 0, 2, 2),
     "opt": (12, 0, 2, 2, 2),
     "bert": (13, 0, 2, 2, 2),  # + the pooler's dense, in no group
-    "gpt_neox": (8, 0, 2, 0, 0),  # fused query_key_value
-    "phi3": (8, 0, 0, 0, 0),  # fused qkv_proj and gate_up_proj
+    "gpt_neox": (12, 0, 2, 2, 2),  # 8 matched; fused query_key_value as 3 parts
+    "phi3": (14, 2, 0, 2, 2),  # 8 matched; fused qkv_proj as 3 parts, gate_up_proj as 2
+    "gpt2": (12, 0, 2, 2, 2),  # 8 matched (Conv1D); fused c_attn as 3 parts
 }
+MATCHED = {"gpt_neox": 8, "phi3": 8, "gpt2": 8}
 
 
 def _explain(arch: str):
@@ -44,27 +49,31 @@ def test_groups_per_architecture(arch: str) -> None:
     assert counts["units"] == n_units
     assert (counts.get("gated_mlp", 0), counts.get("mlp", 0), counts.get("attn_qk", 0), counts.get("attn_vo", 0)) == (
         gated, mlp, qk, vo)
-    assert COUNTERS["units_matched"] == n_units
+    assert COUNTERS["units_matched"] == MATCHED.get(arch, n_units)
     grouped = {u.fqn for g in report.groups for u in g.units}
     skipped = {s.name: s.reason for s in report.skipped}
     assert grouped | set(skipped) >= {u.fqn for u in report.units}, "every unit is grouped or has a reason"
+    gqa = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "phi3")
+    rope = {"opt": ("none", 0), "bert": ("none", 0), "gpt2": ("none", 0), "gpt_neox": ("half", 8)}
     for g in report.groups:
         if g.kind.startswith("attn"):
             assert g.num_heads == 4 and g.head_dim == 16
-            assert g.num_kv_heads == (2 if arch in ("llama", "qwen2", "mistral", "gemma") else 4)
+            assert g.num_kv_heads == (2 if arch in gqa else 4)
         if g.kind == "attn_qk":
-            assert (g.rope, g.rotary_dim) == (("half", 16) if arch not in ("opt", "bert") else ("none", 0))
+            assert (g.rope, g.rotary_dim) == rope.get(arch, ("half", 16))
         if g.kind == "gated_mlp":
             assert [u.role for u in g.units] == ["gate", "up", "down"]
-            assert g.act == ("gelu_tanh" if arch == "gemma" else "silu")
-    if arch in ("phi3", "gpt_neox"):
-        fused = [n for n, r in skipped.items() if "fused" in r]
-        assert fused, skipped
+            assert g.act == ("gelu_tanh" if arch in ("gemma", "gemma2") else "silu")
+        if g.kind == "mlp":
+            assert g.act == {"gpt2": "gelu_tanh", "gpt_neox": "gelu", "opt": "relu", "bert": "gelu"}[arch]
+    assert not [r for r in skipped.values() if "fused" in r], skipped
     if arch == "phi3":
-        assert "fused" in skipped["model.layers.0.mlp.gate_up_proj"]
-        assert "fused" in skipped["model.layers.0.self_attn.qkv_proj"]
-    if arch == "gpt_neox":
-        assert "fused" in skipped["gpt_neox.layers.0.attention.query_key_value"]
+        names = [u.fqn for g in report.groups for u in g.units]
+        assert names[:3] == ["model.layers.0.mlp.gate_up_proj[gate]", "model.layers.0.mlp.gate_up_proj[up]",
+                             "model.layers.0.mlp.down_proj"]
+        assert "model.layers.0.self_attn.qkv_proj[v]" in names
+    if arch == "qwen3":
+        assert "per-head norm" in skipped["model.layers.0.self_attn.q_proj"]
 
 
 def test_report_prints_tables() -> None:
