@@ -9,7 +9,6 @@ model in ``sparselora_fx.flops`` evaluated with the sparsities the backend's rep
 
 from __future__ import annotations
 
-import math
 import os
 import platform
 import statistics
@@ -21,6 +20,7 @@ import torch
 
 from ..flops import LayerShape, evaluate, flops_dense_lora, flops_sparselora
 from ..policy import layer_index
+from ..runtime.estimators import get_estimator
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -107,13 +107,14 @@ def layer_sparsities(reports: Iterable[Any], num_layers: int) -> list[dict[str, 
 def estimator_flops_args(spec: Any, tokens: int) -> tuple[str, int | None, int | None] | None:
     """(estimator, k, samples) of the FLOPs model for a policy's EstimatorSpec at `tokens` tokens.
 
-    token_sample projects m = min(T, max(samples, ceil(fraction * T))) tokens exactly; random
+    token_sample projects m = min(T, max(samples, floor(fraction * T))) tokens exactly; random
     costs nothing (None).
     """
     if spec.kind == "svd":
         return "svd", spec.rank, None
     if spec.kind == "token_sample":
-        m = spec.samples if not spec.fraction else max(spec.samples, math.ceil(spec.fraction * tokens - 1e-9))
+        m = spec.samples if not spec.fraction else get_estimator(
+            "token_sample", samples=spec.samples, fraction=spec.fraction).sample_count(tokens)
         return "sample", None, min(tokens, m)
     return None
 

@@ -14,7 +14,7 @@ Kinds:
   default); falls back to ``token_sample`` with one warning if the factors are unusable.
 - ``token_sample``: the exact `x[s] W^T + b` on `m` tokens sampled among the unmasked ones,
   deterministic for a seed, with no host sync (usable inside torch.compile, dynamic shapes).
-  `m = samples`, or with `fraction` set `m = max(samples, ceil(fraction * T))`: a sample that
+  `m = samples`, or with `fraction` set `m = max(samples, floor(fraction * T))`: a sample that
   grows with the micro-batch keeps the estimator a fixed share of the layer's GEMM work.
 - ``random``: uniform random scores, a fresh draw per call (deterministic for a seed and call
   order). A baseline for accuracy studies (what selection without information costs), never a
@@ -159,7 +159,7 @@ def sample_tokens(
 class TokenSampleEstimator(Estimator):
     """Exact output on m sampled tokens among the unmasked ones (m >= T -> exact).
 
-    m = `samples`, or with `fraction` > 0, max(`samples`, ceil(`fraction` * T)) for T rows.
+    m = `samples`, or with `fraction` > 0, max(`samples`, floor(`fraction` * T)) for T rows.
     """
 
     kind: ClassVar[str] = "token_sample"
@@ -177,8 +177,8 @@ class TokenSampleEstimator(Estimator):
         """How many tokens to sample from `num_tokens` rows (before clamping to the rows)."""
         if self._grid_fraction == 0:
             return self.samples
-        # Integer ceil on the grid: works for a symbolic T and never rounds 0.03 * T down.
-        return torch.sym_max(self.samples, (num_tokens * self._grid_fraction + _FRACTION_GRID - 1) // _FRACTION_GRID)
+        # Integer arithmetic on the grid: works for a symbolic T (0.03 * 4096 -> 122, within 2%).
+        return torch.sym_max(self.samples, (num_tokens * self._grid_fraction) // _FRACTION_GRID)
 
     def estimate(self, x2d, weight, bias, mask=None):
         return self.estimate_many(x2d, [(weight, bias)], mask)[0]
