@@ -30,7 +30,9 @@ def explain(model: Callable[..., Any], *example_args: Any, options: dict[str, An
     compiled = torch.compile(model, backend=analysis_backend, dynamic=False)
     compiled(*example_args, **example_kwargs)
     # policy rules that select none of the model's units (a typo leaves layers dense): say so
-    report.notes += settings.policy.for_names([u.fqn for u in report.units]).check_names(
-        [u.fqn for u in report.units]) if report.units else []
+    # (a per-layer graph with options["layer"] is checked under the full names its units stand for)
+    layer = getattr(settings, "layer", None)
+    names = [s for u in report.units for s in settings.policy.layer_spellings(u.fqn, layer)]
+    report.notes += settings.policy.for_names(names).check_names(names) if names else []
     report.notes = list(dict.fromkeys(report.notes))
     return report

@@ -190,3 +190,21 @@ def test_binding_note_cases() -> None:
     assert layer_binding_note(local, Policy(mlp=0.5), None, Plan([], [])) is None  # flat: nothing lost
     misuse = layer_binding_note(full, default, 2, Plan([], []))
     assert misuse is not None and "carry their own (e.g. `model.layers.1.mlp.gate_proj`)" in misuse
+
+
+def test_explain_checks_a_single_layer_under_its_full_names() -> None:
+    """explain() of one decoder layer with options['layer']: the preset's layer patterns match its
+    units (no "matches no module" note), and the groups take that layer's sparsities."""
+    from sparselora_fx.explain import explain
+
+    model = build_tiny_model("llama", num_layers=DEPTH)
+    inner = model.base_model.model.model
+    hidden = inner.embed_tokens(tiny_batch("llama")["input_ids"])
+    pos = torch.arange(hidden.shape[1])[None]
+    cos_sin = inner.rotary_emb(hidden, pos)
+    options = {"policy": "llama3-8b-math10k", "layer": 20, "num_layers": 32, "progress": False}
+    report = explain(inner.layers[1], hidden, position_ids=pos, position_embeddings=cos_sin, options=options)
+    assert not [n for n in report.notes if "matches no module" in n], report.notes
+    whole = Policy.preset("llama3-8b-math10k")
+    want = {kind: whole.resolve(f"model.layers.20.{name}", kind) for kind, name in LOCAL_NAMES.items()}
+    assert {g.kind: g.sparsity for g in report.groups} == want
