@@ -29,6 +29,7 @@ import functools
 import logging
 import warnings
 from collections.abc import Sequence
+from fractions import Fraction
 from typing import ClassVar
 
 import torch
@@ -53,7 +54,6 @@ __all__ = [
 log = logging.getLogger("sparselora_fx")
 
 _M31 = (1 << 31) - 1
-_FRACTION_GRID = 1 << 20
 
 Linear = tuple[torch.Tensor, "torch.Tensor | None"]
 
@@ -166,19 +166,21 @@ class TokenSampleEstimator(Estimator):
     samples: int = 64
     seed: int = 0
     fraction: float = 0.0
-    # The fraction on a 2**-20 grid, as an int: traced code never branches on a float attribute
-    # (Dynamo would make it a symbolic float and restart the frame).
-    _grid_fraction: int = dataclasses.field(init=False, repr=False, compare=False)
+    # The fraction as an exact ratio of ints (0.03 -> 3/100, as written): traced code never
+    # branches on a float attribute (Dynamo would make it a symbolic float and restart the frame)
+    # and floor(0.03 * 1000) is 30, not 29.
+    _ratio: tuple[int, int] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_grid_fraction", round(float(self.fraction) * _FRACTION_GRID))
+        exact = Fraction(str(float(self.fraction)))
+        object.__setattr__(self, "_ratio", (exact.numerator, exact.denominator))
 
     def sample_count(self, num_tokens: int | torch.SymInt) -> int | torch.SymInt:
         """How many tokens to sample from `num_tokens` rows (before clamping to the rows)."""
-        if self._grid_fraction == 0:
+        num, den = self._ratio
+        if num == 0:
             return self.samples
-        # Integer arithmetic on the grid: works for a symbolic T (0.03 * 4096 -> 122, within 2%).
-        return torch.sym_max(self.samples, (num_tokens * self._grid_fraction) // _FRACTION_GRID)
+        return torch.sym_max(self.samples, (num_tokens * num) // den)
 
     def estimate(self, x2d, weight, bias, mask=None):
         return self.estimate_many(x2d, [(weight, bias)], mask)[0]
@@ -341,7 +343,7 @@ def estimator_kinds() -> tuple[str, ...]:
 def _param_names() -> set[str]:
     names: set[str] = set()
     for cls in _REGISTRY.values():
-        names.update(f.name for f in dataclasses.fields(cls))
+        names.update(f.name for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_"))
     return names
 
 
