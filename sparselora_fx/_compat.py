@@ -6,8 +6,9 @@ private name moves, so a torch upgrade costs a fallback (a warning, dense path),
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -149,3 +150,96 @@ def run_and_get_code(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple
     from torch._inductor.utils import run_and_get_code as _run_and_get_code
 
     return _run_and_get_code(fn, *args, **kwargs)
+
+
+# --------------------------------------------------------------------------- compiled-graph cache keys
+# Used by backend.lower(). Checked on torch 2.11 (source) and 2.13 (run): FxGraphHashDetails (which
+# AOTAutogradCacheDetails extends, so both the AOTAutograd and the FX graph cache key read it) puts
+# the uuid() of `post_grad_custom_post_pass` into the key. 2.11 takes one pass there; 2.13 also takes
+# a list (`custom_graph_pass.get_custom_graph_passes`). A pass that is not a CustomGraphPass, or whose
+# uuid() is None, makes Inductor bypass its cache, which stays correct.
+
+
+def keyed_inductor_patches(patches: dict[str, Any], salt: str) -> dict[str, Any]:
+    """``patches`` plus a no-op post-grad pass whose uuid() is ``salt``, so ``salt`` is part of the cache keys.
+
+    Why: state outside the graph that changes what AOTAutograd traces (here: the Triton lowering
+    switches) must change the key, or a cached compile made under other switches is served. A pass
+    already configured (in ``patches`` or globally) still runs, before ours, and keeps its uuid in the key.
+    """
+    try:
+        from torch._inductor import config as inductor_config
+        from torch._inductor import custom_graph_pass as cgp
+    except ImportError:  # pragma: no cover - moved: no key; callers should then not rely on the cache
+        return patches
+    salt_pass = _salt_pass_class(cgp.CustomGraphPass)(salt)
+    current = patches.get("post_grad_custom_post_pass", inductor_config.post_grad_custom_post_pass)
+    if current is None or (isinstance(current, (list, tuple)) and not current):
+        keyed: Any = salt_pass
+    elif hasattr(cgp, "get_custom_graph_passes"):  # 2.13: a list of passes
+        keyed = [*cgp.get_custom_graph_passes(current), salt_pass]
+    else:  # 2.11: one pass; chain the existing one in front of ours
+        keyed = _chained_pass_class(cgp.CustomGraphPass)(current, salt_pass)
+    return {**patches, "post_grad_custom_post_pass": keyed}
+
+
+_PASS_CLASSES: dict[str, type] = {}
+
+
+def _salt_pass_class(base: type) -> type:
+    if "salt" not in _PASS_CLASSES:
+
+        class SaltPass(base):  # type: ignore[misc, valid-type]
+            """Changes nothing; only its uuid() matters (the cache key)."""
+
+            def __init__(self, salt: str) -> None:
+                self.salt = salt
+
+            def __call__(self, graph: torch.fx.Graph) -> None:
+                return None
+
+            def uuid(self) -> Any:
+                return ("sparselora_fx", self.salt)
+
+        _PASS_CLASSES["salt"] = SaltPass
+    return _PASS_CLASSES["salt"]
+
+
+def _chained_pass_class(base: type) -> type:
+    if "chain" not in _PASS_CLASSES:
+
+        class ChainedPass(base):  # type: ignore[misc, valid-type]
+            """Runs a configured pass, then ours; keyed by both (None, i.e. no caching, if the first has no uuid)."""
+
+            def __init__(self, first: Any, salt_pass: Any) -> None:
+                self.first, self.salt_pass = first, salt_pass
+
+            def __call__(self, graph: torch.fx.Graph) -> None:
+                self.first(graph)
+                self.salt_pass(graph)
+
+            def uuid(self) -> Any:
+                first = self.first.uuid() if isinstance(self.first, base) else None
+                return None if first is None else (first, self.salt_pass.uuid())
+
+        _PASS_CLASSES["chain"] = ChainedPass
+    return _PASS_CLASSES["chain"]
+
+
+@contextlib.contextmanager
+def capture_output_code() -> Iterator[list[str]]:
+    """Collect the source of every module Inductor generates or loads from its cache in the body.
+
+    Like ``run_and_get_code`` without its ``torch._dynamo.reset()``: for checking which code a
+    compile produced in the middle of a run. ``GraphLowering.save_output_code`` is the hook both
+    the compile and the FX-graph-cache load call (2.11-2.13).
+    """
+    from torch._inductor.graph import GraphLowering
+
+    codes: list[str] = []
+    old = GraphLowering.save_output_code
+    GraphLowering.save_output_code = codes.append  # type: ignore[assignment]
+    try:
+        yield codes
+    finally:
+        GraphLowering.save_output_code = old  # type: ignore[assignment]

@@ -21,6 +21,7 @@ from .errors import OptionsError, PolicyError
 from .passes.groups import Skipped
 from .passes import PassContext, run_pipeline
 from .report import Report, build_report
+from .runtime import lowering
 from .runtime.schedule import ScheduledGraph, StepSchedule, copy_graph_module, schedule_for
 from .settings import Settings
 
@@ -116,6 +117,10 @@ def lower(gm: GraphModule, example_inputs: list[Any], settings: Settings, mode: 
     patches = dict(settings.inductor)
     if mode is not None and mode != "default":
         patches = {**_compat.inductor_mode_options(mode), **patches}
+    if lowering.holds_ops(gm):
+        # The Triton swap happens while AOTAutograd traces; a cache hit skips the trace, so the
+        # switches it reads must be part of the cache key (runtime/lowering.py).
+        patches = _compat.keyed_inductor_patches(patches, lowering.cache_salt())
     return _compat.compile_fx()(gm, example_inputs, config_patches=patches or None)
 
 

@@ -24,8 +24,15 @@ tensor guarantees) to index_select + mm; and why not a rewrite-time choice: the 
 before AOTAutograd and would have to know the device and the env switches; the rule sees both.
 
 The decision is made when a graph is traced: flipping SPARSELORA_DISABLE_TRITON afterwards
-changes the eager ops, not a compiled graph that already holds the kernel. `LOWERED` counts
-the swaps (benchmarks/gpu_check.py reports the path from it).
+changes the eager ops, not a compiled graph that already holds the kernel. torch's AOTAutograd
+and FX graph caches can serve an earlier compile without tracing, so the backend puts
+`cache_salt()` (the switches the decision reads) into their key for every graph holding our
+ops: a compile under other switches misses the cache and traces again. `LOWERED` counts the
+swaps while tracing; a cache hit counts nothing, so it is no record of which path a graph runs
+(benchmarks/gpu_check.py reads that from Inductor's generated code).
+
+Weights are read through their strides: GPT-2 Conv1D passes `W.t()` views and fused
+projections pass row slices; neither is copied.
 
 Without triton nothing here is registered and the public ops behave as before.
 """
@@ -40,7 +47,7 @@ from torch import Tensor
 from sparselora_fx import _compat
 from sparselora_fx.runtime import kernels as _kernels
 
-__all__ = ["LOWERED", "TRITON_OPS", "is_registered", "lowers", "register"]
+__all__ = ["LOWERED", "TRITON_OPS", "cache_salt", "holds_ops", "is_registered", "lowers", "register"]
 
 NAMESPACE = "sparselora"
 
@@ -86,7 +93,7 @@ def _unflat(y2d: Tensor, like: Tensor) -> Tensor:
 
 
 def _rows(x: Tensor, weight: Tensor, idx: Tensor, bias: Optional[Tensor], scatter: bool) -> Tensor:
-    x2d, w, idx = _flat(x), weight.contiguous(), idx.contiguous()
+    x2d, w, idx = _flat(x), weight, idx.contiguous()  # w: any strides (read through them, never copied)
     m, k = x2d.shape
     n = idx.shape[0]
     out = x2d.new_zeros((m, w.shape[0])) if scatter else x2d.new_empty((m, n))
@@ -97,7 +104,7 @@ def _rows(x: Tensor, weight: Tensor, idx: Tensor, bias: Optional[Tensor], scatte
 
 def _cols(x2d: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
     """[M, n] kept inputs @ weight[:, idx].T -> [M, out]."""
-    w, idx = weight.contiguous(), idx.contiguous()
+    w, idx = weight, idx.contiguous()
     out = x2d.new_empty((x2d.shape[0], w.shape[0]))
     _launch(x2d, w, idx, None, out, x2d.shape[0], w.shape[0], idx.shape[0], w.stride(1), w.stride(0),
             gather_r=True, gather_p=False, scatter_out=False)
@@ -132,7 +139,7 @@ def cols_linear_gather_triton(x: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
 def rows_linear_dx_triton(grad: Tensor, weight: Tensor, idx: Tensor, in_features: int) -> Tensor:
     """CUDA body of `rows_linear_dx` (grad @ weight[idx] -> [..., in])."""
     _ops()._check_rows_dx(grad, weight, idx, in_features)
-    dy, w, idx = _flat(grad), weight.contiguous(), idx.contiguous()
+    dy, w, idx = _flat(grad), weight, idx.contiguous()
     out = dy.new_empty((dy.shape[0], w.shape[1]))
     _launch(dy, w, idx, None, out, dy.shape[0], w.shape[1], idx.shape[0], w.stride(0), w.stride(1),
             gather_r=True, gather_p=False, scatter_out=False)
@@ -142,7 +149,7 @@ def rows_linear_dx_triton(grad: Tensor, weight: Tensor, idx: Tensor, in_features
 def cols_linear_dx_triton(grad: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
     """CUDA body of `cols_linear_dx` (grad @ weight[:, idx] -> [..., k])."""
     _ops()._check_cols_dx(grad, weight, idx)
-    dy, w, idx = _flat(grad), weight.contiguous(), idx.contiguous()
+    dy, w, idx = _flat(grad), weight, idx.contiguous()
     out = dy.new_empty((dy.shape[0], idx.shape[0]))
     _launch(dy, w, idx, None, out, dy.shape[0], idx.shape[0], w.shape[0], w.stride(0), w.stride(1),
             gather_r=False, gather_p=True, scatter_out=False)
@@ -176,6 +183,41 @@ def lowers(x: Tensor) -> bool:
     """
     return (is_registered() and x.device.type == "cuda" and x.dtype in _TRITON_DTYPES
             and _kernels.lowering_enabled(x.device))
+
+
+def cache_salt() -> str:
+    """The switches the swap reads, as a string; the backend makes it part of the compiled-graph cache keys.
+
+    Why: the swap happens while AOTAutograd traces, and a cache hit skips the trace; without
+    these in the key, flipping a switch after a cached compile (even in a new process) would
+    have no effect. Device and dtype are in the key already (the example inputs).
+    """
+    from sparselora_fx.runtime.kernels import gather_gemm
+
+    cuda = torch.device("cuda")
+    return (f"lowering={int(is_registered() and _kernels.lowering_enabled(cuda))};"
+            f"kernels={int(_kernels.kernels_enabled(cuda))};"
+            f"autotune={int(gather_gemm._autotune_enabled())};interpret={int(gather_gemm._interpreting())}")
+
+
+def holds_ops(gm: torch.fx.GraphModule) -> bool:
+    """Whether `gm` (or a subgraph of it, e.g. a checkpoint body) calls a `sparselora::` op."""
+    for module in gm.modules():
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        for node in module.graph.nodes:
+            if node.op == "call_function" and _namespace(node.target) == NAMESPACE:
+                return True
+    return False
+
+
+def _namespace(target: Any) -> Optional[str]:
+    """An op's namespace: `namespace` on an OpOverload, `_qualified_op_name` ("ns::op") on a packet."""
+    namespace = getattr(target, "namespace", None)
+    if isinstance(namespace, str):
+        return namespace
+    qualified = getattr(target, "_qualified_op_name", None)
+    return qualified.split("::", 1)[0] if isinstance(qualified, str) and "::" in qualified else None
 
 
 def _swap_rule(public: str) -> Callable[..., Any]:

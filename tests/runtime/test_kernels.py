@@ -181,6 +181,45 @@ def test_non_contiguous_inputs_and_int32_index(device: torch.device) -> None:
     _close(rows_gemm(x, w, idx.to(torch.int32)), ref, torch.float32)
 
 
+def _strided_weight(layout: str, dtype: torch.dtype, device: torch.device, g: torch.Generator) -> torch.Tensor:
+    """An [N, K] weight view that is not contiguous: GPT-2 Conv1D's `W.t()`, or rows of a fused projection."""
+    if layout == "transposed":
+        return _rand((K, N), dtype, device, g).t()
+    fused = _rand((3 * N + 5, K + 3), dtype, device, g)  # wider rows too: the row stride is not K
+    return fused[N + 2: 2 * N + 2, 1: K + 1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["transposed", "row_slice"])
+def test_strided_weight_views_are_read_in_place(device: torch.device, dtype: torch.dtype, layout: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """All four kernels on a non-contiguous weight view: exact results, and the kernel reads the view itself."""
+    from sparselora_fx.runtime.kernels import gather_gemm
+
+    g = _gen(14)
+    w = _strided_weight(layout, dtype, device, g)
+    assert not w.is_contiguous()
+    x, bias = _rand((M, K), dtype, device, g), _rand((N,), dtype, device, g)
+    idx_o, idx_i = _idx(N, NK, g, device), _idx(K, NK, g, device)
+    xs, dy_n, dy = _rand((M, NK), dtype, device, g), _rand((M, NK), dtype, device, g), _rand((M, N), dtype, device, g)
+    wd = w.double()
+    seen: list[torch.Tensor] = []
+    launch = gather_gemm._launch
+    monkeypatch.setattr(gather_gemm, "_launch", lambda a, b, *r, **kw: (seen.append(b), launch(a, b, *r, **kw))[1])
+    cases = [
+        (rows_gemm, (x, w, idx_o, bias), (M, NK), x.double() @ wd[idx_o].T + bias.double()[idx_o]),
+        (cols_gemm, (xs, w, idx_i), (M, N), xs.double() @ wd[:, idx_i].T),
+        (rows_gemm_dx, (dy_n, w, idx_o), (M, K), dy_n.double() @ wd[idx_o]),
+        (cols_gemm_dx, (dy, w, idx_i), (M, NK), dy.double() @ wd[:, idx_i]),
+    ]
+    for fn, args, shape, ref in cases:
+        out = _poisoned(shape, dtype, device)
+        _close(fn(*args, out=out), ref, dtype)
+    # No per-call copy of the weight: every launch got the view (its storage, offset and strides).
+    assert len(seen) == 4
+    assert all(b.data_ptr() == w.data_ptr() and b.stride() == w.stride() for b in seen)
+
+
 def test_empty_selections(device: torch.device) -> None:
     g = _gen(8)
     x, w, bias = (_rand((M, K), torch.float32, device, g), _rand((N, K), torch.float32, device, g),

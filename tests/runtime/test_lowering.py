@@ -142,6 +142,53 @@ def test_triton_op_bodies_match_reference_under_interpreter(
 
 
 @needs_triton
+@pytest.mark.parametrize("layout", ["transposed", "row_slice"])
+def test_triton_op_bodies_read_strided_weights_in_place(
+    layout: str, monkeypatch: pytest.MonkeyPatch, nan_poisoned_allocations: None
+) -> None:
+    """GPT-2 Conv1D passes `W.t()`, fused projections pass row slices: exact results, no weight copy."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    dtype = torch.float32
+    g = _gen(14)
+    if layout == "transposed":
+        w = _rand((K, N), dtype, g).t()
+    else:
+        w = _rand((3 * N + 5, K + 3), dtype, g)[N + 2: 2 * N + 2, 1: K + 1]
+    assert w.shape == (N, K) and not w.is_contiguous()
+    seen: list[torch.Tensor] = []
+    launch = lowering._launch
+    monkeypatch.setattr(lowering, "_launch", lambda a, b, *r, **kw: (seen.append(b), launch(a, b, *r, **kw))[1])
+    for name, args, ref in _cases(dtype):
+        args = (args[0], w, *args[2:])
+        ref = _reference(name, args)
+        out = getattr(torch.ops.sparselora, lowering.TRITON_OPS[name])(*args)
+        assert bool(torch.isfinite(out).all()), f"{name}: an output element was never written"
+        _close(out, ref, dtype)
+    assert len(seen) == len(lowering.TRITON_OPS)
+    assert all(b.data_ptr() == w.data_ptr() and b.stride() == w.stride() for b in seen)
+
+
+def _reference(name: str, args: tuple[Any, ...]) -> torch.Tensor:
+    """float64 result of public op `name` on `args` (the weight may be any view)."""
+    d = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    x, w, idx = d[0], d[1], d[2]
+    if name in ("rows_linear", "rows_linear_scatter"):
+        rows = x @ w[idx].T + (d[3][idx] if d[3] is not None else 0)
+        if name == "rows_linear":
+            return rows
+        out = torch.zeros((*x.shape[:-1], w.shape[0]), dtype=torch.float64)
+        out[..., idx] = rows
+        return out
+    if name == "cols_linear":
+        return x @ w[:, idx].T
+    if name == "cols_linear_gather":
+        return x[..., idx] @ w[:, idx].T
+    if name == "rows_linear_dx":
+        return x @ w[idx]
+    return x @ w[:, idx]  # cols_linear_dx
+
+
+@needs_triton
 def test_triton_op_bodies_check_inputs_like_the_public_ops(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     x, w, idx = torch.zeros(2, 8), torch.zeros(6, 7), torch.tensor([1, 2])
@@ -178,6 +225,93 @@ def test_compiled_cpu_graph_keeps_the_opaque_op() -> None:
     assert len(graphs) == 2
     assert "sparselora.rows_linear_scatter" in graphs[0] and "sparselora.rows_linear_dx" in graphs[1]
     assert not any("triton_kernel_wrapper" in gr for gr in graphs)
+
+
+# --------------------------------------------------------------------------- cache keys
+
+
+def _one_op_graph(op: Any) -> tuple[torch.fx.GraphModule, list[torch.Tensor]]:
+    """A graph calling `op(x, w, idx, None)`, with example inputs (what the backend hands to lower())."""
+    graph = torch.fx.Graph()
+    x, w, idx = (graph.placeholder(n) for n in ("x", "w", "idx"))
+    graph.output(graph.call_function(op, (x, w, idx, None)))
+    g = _gen(15)
+    return torch.fx.GraphModule(torch.nn.Module(), graph), [_rand((B, S, K), torch.float32, g),
+                                                            _rand((N, K), torch.float32, g), _idx(N, g)]
+
+
+def _inductor_key(gm: torch.fx.GraphModule, inputs: list[torch.Tensor], settings: Any,
+                  monkeypatch: pytest.MonkeyPatch) -> tuple[str, dict[str, Any]]:
+    """The FX graph cache key under the config patches backend.lower() hands Inductor, and the patches.
+
+    AOTAutograd's cache key extends the same details (AOTAutogradCacheDetails(FxGraphHashDetails)),
+    config and custom-pass uuids included, so what changes this key changes that one too.
+    """
+    from torch._inductor import config as inductor_config
+    from torch._inductor.codecache import compiled_fx_graph_hash
+
+    from sparselora_fx import backend
+
+    seen: list[dict[str, Any]] = []
+    monkeypatch.setattr(_compat, "compile_fx", lambda: lambda gm, inputs, config_patches=None: seen.append(
+        config_patches or {}))
+    backend.lower(gm, inputs, settings)
+    with inductor_config.patch(seen[0]):
+        return compiled_fx_graph_hash(gm, inputs, {}, [])[0], seen[0]
+
+
+def test_cache_key_changes_with_the_lowering_switches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache hit skips the trace that decides the swap, so every switch it reads is in the key."""
+    from sparselora_fx.settings import Settings
+
+    for name in (kernels.DISABLE_ENV, kernels.LOWERING_ENV, "SPARSELORA_TRITON_AUTOTUNE"):
+        monkeypatch.delenv(name, raising=False)
+    gm, inputs = _one_op_graph(torch.ops.sparselora.rows_linear.default)
+    settings = Settings.from_options({})
+    base, _ = _inductor_key(gm, inputs, settings, monkeypatch)
+    assert _inductor_key(gm, inputs, settings, monkeypatch)[0] == base  # same switches, same key: caching works
+    keys = {}
+    for name, value in ((kernels.DISABLE_ENV, "1"), (kernels.LOWERING_ENV, "0"), ("SPARSELORA_TRITON_AUTOTUNE", "0")):
+        monkeypatch.setenv(name, value)
+        keys[name], _ = _inductor_key(gm, inputs, settings, monkeypatch)
+        monkeypatch.delenv(name)
+    if kernels.HAS_TRITON:  # without triton the switches change nothing, and neither does the key
+        assert len({base, *keys.values()}) == 4, keys
+    # A graph without our ops gets no extra pass (its key does not depend on our switches).
+    dense, dense_inputs = _one_op_graph(torch.ops.aten.addmm.default)
+    assert "post_grad_custom_post_pass" not in _inductor_key(dense, dense_inputs, settings, monkeypatch)[1]
+
+
+def test_cache_key_keeps_a_users_post_grad_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """options['inductor'] may set post_grad_custom_post_pass: it still runs and stays in the key."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    from sparselora_fx.settings import Settings
+
+    ran: list[str] = []
+
+    class UserPass(CustomGraphPass):
+        def __init__(self, version: str) -> None:
+            self.version = version
+
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            ran.append(self.version)
+
+        def uuid(self) -> Any:
+            return ("user", self.version)
+
+    gm, inputs = _one_op_graph(torch.ops.sparselora.rows_linear.default)
+    keys, passes = [], []
+    for version in ("v1", "v2"):
+        key, patches = _inductor_key(gm, inputs, Settings.from_options({"inductor": {
+            "post_grad_custom_post_pass": UserPass(version)}}), monkeypatch)
+        keys.append(key)
+        passes.append(patches["post_grad_custom_post_pass"])
+    assert keys[0] != keys[1]
+    configured = passes[0]
+    for p in (configured if isinstance(configured, list) else [configured]):  # 2.13: a list; 2.11: one chained pass
+        p(gm.graph)
+    assert ran == ["v1"]
 
 
 # --------------------------------------------------------------------------- the swap, traced on fake CUDA

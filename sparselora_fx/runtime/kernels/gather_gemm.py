@@ -11,9 +11,12 @@ columns by index inside the GEMM instead, forward and backward:
     rows_gemm_dx  dx        = dy @ w[idx, :]                                    [M, K]
     cols_gemm_dx  dx        = dy @ w[:, idx]                                    [M, n]
 
+`w` may have any strides (a `W.t()` view of a GPT-2 Conv1D weight, a row slice
+of a fused projection): the kernel reads it through them, never copying it.
 Memory access: `rows_gemm` and `rows_gemm_dx` read whole rows of a row-major
-`w`, coalesced along K. `cols_gemm` and `cols_gemm_dx` read `w[:, idx]`, i.e.
-scattered elements of every row (uncoalesced along K). Where that hurts, the
+`w`, coalesced along K (strided for a transposed view). `cols_gemm` and
+`cols_gemm_dx` read `w[:, idx]`, i.e. scattered elements of every row
+(uncoalesced along K). Where that hurts, the
 caller may build once, per frozen weight, a transposed copy with
 `transpose_weight(w)` (memory: `transposed_weight_bytes(w)`) and pass it as
 `w_t=`; the kernels then read contiguous rows of `w.T`.
@@ -215,11 +218,6 @@ def _launch(a: torch.Tensor, *rest: Any, **kw: Any) -> None:
         kernel[grid](*args, **flags)
 
 
-def _weight(w: torch.Tensor) -> torch.Tensor:
-    # A non-contiguous weight would cost a full copy per call; frozen weights are contiguous in practice.
-    return w if w.is_contiguous() else w.contiguous()
-
-
 def _transposed(op: str, w_t: object, w: torch.Tensor) -> torch.Tensor:
     wt = check.matrix(op, "w_t", w_t, w.dtype)
     check.same_device(op, "w_t", wt, w.device)
@@ -274,7 +272,7 @@ def rows_gemm(
         res.zero_()
     if m == 0 or n == 0:
         return res
-    x2d, w = x2d.contiguous(), _weight(w)
+    x2d = x2d.contiguous()
     if k == 0:  # empty reduction: only the bias remains
         vals = bias[idx].expand(m, n) if bias is not None else torch.zeros((m, n), dtype=x2d.dtype, device=dev)
         if scatter:
@@ -336,7 +334,6 @@ def cols_gemm(
     if wt is not None:  # B[r, p] = w[p, idx[r]] = w_t[idx[r], p]: contiguous along p
         b, s_br, s_bp = wt, wt.stride(0), wt.stride(1)
     else:
-        w = _weight(w)
         b, s_br, s_bp = w, w.stride(1), w.stride(0)
     _launch(
         x2d, b, idx, bias, res, m, n_full, n,
@@ -378,7 +375,7 @@ def rows_gemm_dx(
         return res
     if n == 0:
         return res.zero_()
-    dy2d, w = dy2d.contiguous(), _weight(w)
+    dy2d = dy2d.contiguous()
     _launch(
         dy2d, w, idx, None, res, m, k, n,
         stride_br=w.stride(0), stride_bp=w.stride(1), stride_cp=res.stride(1),
@@ -428,7 +425,6 @@ def cols_gemm_dx(
     if wt is not None:  # B[r, p] = w[r, idx[p]] = w_t[idx[p], r]
         b, s_br, s_bp = wt, wt.stride(1), wt.stride(0)
     else:
-        w = _weight(w)
         b, s_br, s_bp = w, w.stride(0), w.stride(1)
     _launch(
         dy2d, b, idx, None, res, m, n, n_full,
