@@ -33,6 +33,8 @@ _ADAPTER_SUFFIX = re.compile(
     r"(?:\.[^.]+)?$"
 )
 BASE_LAYER_SUFFIX = ".base_layer"
+# A part of a fused projection is reported as `qkv_proj[q]`, `gate_up_proj[up]` or `c_fc[0:96]`.
+_PART_SUFFIX = re.compile(r"\[(?:\w+|\d+:\d+)\]$")
 
 
 def normalize_module_name(name: str) -> str:
@@ -43,7 +45,11 @@ def normalize_module_name(name: str) -> str:
     `...gate_proj.lora_A.default` depending on PEFT / torch.compile wrapping; rules are written
     once against the plain name. Strips `_orig_mod.` (and FSDP / checkpoint wrapper parts)
     anywhere, a leading `base_model.model.`, PEFT adapter suffixes and a trailing `.base_layer`.
+    A part of a fused projection (`...qkv_proj[q]`) is its module (`...qkv_proj`): a rule written
+    for the module it sees in the model covers every part (a trailing `[letters]` in a glob is
+    therefore read as a part, not as a character class).
     """
+    name = _PART_SUFFIX.sub("", name)
     name = re.sub(r"#\d+$", "", name)  # a module called twice is reported as name#1, name#2
     parts = [p for p in name.split(".") if p not in _WRAPPER_PARTS]
     out = ".".join(parts)

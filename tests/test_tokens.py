@@ -275,3 +275,79 @@ def test_dense_tokens_policy_knob_validates_and_round_trips():
         with pytest.raises(PolicyError, match="dense_tokens"):
             Policy(dense_tokens=bad)
     assert tokens.Budget.from_policy(0.25).dense(24) == 6 and tokens.Budget.from_policy(8).dense(5) == 5
+
+
+# ------------------------------------- 6. Conv1D (GPT-2) and fused projections split their tokens too
+
+_H, _D = 4, 16
+
+
+def _contiguous(*offsets: int):
+    return lambda part, idx: idx + offsets[part]
+
+
+def _per_head(part: int, idx: torch.Tensor) -> torch.Tensor:  # GPT-NeoX: [q_h, k_h, v_h] per head
+    return (idx // _D) * 3 * _D + part * _D + idx % _D
+
+
+# arch -> (layers, fused qkv, o, MLP down, part channel -> fused row); phi3: GQA 4/2 heads, fused gate_up
+FUSED_ARCHS = {
+    "gpt2": ("base_model.model.transformer.h", "attn.c_attn", "attn.c_proj", "mlp.c_proj",
+             _contiguous(0, _H * _D, 2 * _H * _D)),
+    "phi3": ("base_model.model.model.layers", "self_attn.qkv_proj", "self_attn.o_proj", "mlp.down_proj",
+             _contiguous(0, _H * _D, (_H + 2) * _D)),
+    "gpt_neox": ("base_model.model.gpt_neox.layers", "attention.query_key_value", "attention.dense",
+                 "mlp.dense_4h_to_h", _per_head),
+}
+
+
+class FusedSplitReference(SplitReference):
+    """``SplitReference`` for a fused q/k/v projection: its kept fused rows, o's and down's kept inputs."""
+
+    def __init__(self, model, arch: str, kept: dict, dense_rows: torch.Tensor):
+        self.kept, self.dense = kept, dense_rows
+        self.handles = []
+        path, qkv, o, down, rows = FUSED_ARCHS[arch]
+        for i, layer in enumerate(model.get_submodule(path)):
+            (idx_q, idx_k), (idx_v, _) = kept[(i, "qk")], kept[(i, "vo")]
+            self.kept[(i, "qkv")] = (torch.cat([rows(0, idx_q), rows(1, idx_k), rows(2, idx_v)]),)
+            self._out(layer.get_submodule(qkv).base_layer, (i, "qkv"), 0)
+            self._in(layer.get_submodule(o).base_layer, (i, "vo"), 1)
+            self._in(layer.get_submodule(down), (i, "mlp"), 0)
+
+
+@pytest.mark.parametrize("arch", sorted(FUSED_ARCHS))
+def test_conv1d_and_fused_projections_split_tokens_exactly(arch, monkeypatch):
+    from transformers.models.phi3 import modeling_phi3
+
+    monkeypatch.setattr(modeling_phi3.Phi3RMSNorm, "forward", _rms_norm_in_input_dtype)
+
+    def build():
+        model = build_tiny_model(arch, init_lora_b=True, dtype=torch.float64)
+        model.base_model.model.loss_function = _loss64
+        return model
+
+    ids = tiny_batch(arch)["input_ids"]
+    batch = {"input_ids": ids, "labels": _labels(ids, [9, 10])}
+    tokens.reset_token_stats()
+    backend.LAST_REPORTS.clear()
+    with _Record() as rec:
+        loss_c, grads_c = _step(_compile(build(), _policy()), batch)
+    (report,) = backend.LAST_REPORTS
+    assert report.skipped == [] and len(report.groups) == 6, report.skipped  # nothing fell back to dense
+    assert tokens.token_stats() == (1, 5, 0)
+    kept, rows = _kept(rec, 2), _dense_rows(batch["labels"], 6)
+
+    def reference(dense_rows):
+        ref = build()
+        hooks = FusedSplitReference(ref, arch, dict(kept), dense_rows)
+        try:
+            return _step(ref, batch)
+        finally:
+            hooks.remove()
+
+    loss_r, grads_r = reference(rows)
+    assert _rel(loss_c, loss_r) < 1e-10
+    assert max(_rel(grads_c[n], grads_r[n]) for n in grads_r) < 1e-9
+    loss_s, _ = reference(torch.zeros_like(rows))  # the dense tokens did run dense
+    assert _rel(loss_c, loss_s) > 1e-6

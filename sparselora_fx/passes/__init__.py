@@ -59,9 +59,12 @@ def pass_group(ctx: PassContext) -> None:
     ctx.groups = mlp + attn
     ctx.units = expand_fused(ctx.units, ctx.groups)
     grouped = {id(u) for g in ctx.groups for u in g.units}
-    grouped_names = {u.fqn for g in ctx.groups for u in g.units}
-    grouped_names |= {u.part.parent.fqn for g in ctx.groups for u in g.units if u.part is not None}
-    ctx.skipped = [s for s in skipped + attn_skipped if s.name not in grouped_names]
+    # Reasons for grouped units go, and reasons for a fused projection now reported as its parts
+    # (it is no longer a unit: e.g. the MLP pass's "not a down projection"); an ungrouped part's
+    # own reason is named `parent[role]` by the grouping passes and stays.
+    expanded = {u.part.parent.fqn for u in ctx.units if u.part is not None}
+    dropped = {u.fqn for g in ctx.groups for u in g.units} | expanded
+    ctx.skipped = [s for s in skipped + attn_skipped if s.name not in dropped]
     named = {s.name for s in ctx.skipped}
     for unit in ctx.units:
         if id(unit) not in grouped and unit.fqn not in named:
@@ -98,10 +101,8 @@ def pass_plan(ctx: PassContext) -> None:
 
 def pass_prepare_estimators(ctx: PassContext) -> None:
     """Build the SVD estimators' factors now (progress bar) when the weights' values are at hand."""
-    from ..runtime.factor_cache import prepare_factors
-    from .rewrite import real_weights
-
-    from ..runtime.factor_cache import cache_stats
+    from ..runtime.factor_cache import cache_stats, prepare_factors
+    from .rewrite import oriented_weight, real_weights
 
     if ctx.plan is None:
         return
@@ -111,11 +112,11 @@ def pass_prepare_estimators(ctx: PassContext) -> None:
         if gp.estimator.kind != "svd":
             continue
         for unit in gp.group.units:
-            if unit.role in ("down", "fc2", "o") or unit.base.weight_transposed:
-                continue  # not estimated, or estimated through a transposed view at run time
+            if unit.role in ("down", "fc2", "o"):
+                continue  # read by channel, never estimated
             weight = real.get(unit.scope.resolve(unit.weight))
-            if weight is not None:
-                by_rank[gp.estimator.rank].append((unit.fqn, weight))
+            if weight is not None:  # the tensor the select op gets: Conv1D's W.t(), a part's rows
+                by_rank[gp.estimator.rank].append((unit.fqn, oriented_weight(unit, weight)))
     before = cache_stats()
     for rank, weights in by_rank.items():
         usable = prepare_factors(weights, rank, progress=ctx.settings.progress)

@@ -657,6 +657,7 @@ def _trace_operand(operand: Any, side: str, by_output: dict[Node, LoraUnit]) -> 
     cache: Node | None = None
     heads: int | None = None
     row_dim, sub_offset = head_dim, 0  # per-head rows at the view: 3 x head_dim for GPT-NeoX's fused qkv
+    piece: Node | None = None  # the per-head slice of a fused output (set when row_dim != head_dim)
     shared: list[Node] = []
     cur: Any = operand
     for _ in range(64):
@@ -920,12 +921,14 @@ def _try(fn: Any, *args: Any) -> Any:
         return err
 
 
-def _skip(skipped: list[Skipped], unit: LoraUnit | None, reason: str, where: str) -> None:
+def _skip(skipped: list[Skipped], unit: LoraUnit | None, reason: str, where: str, name: str | None = None) -> None:
+    """Record why ``unit`` (or, with ``name``, one part of it: ``qkv_proj[v]``) is not grouped, once."""
     if unit is None:
         return
-    if any(s.name == unit.fqn and s.reason == reason for s in skipped):
+    name = unit.fqn if name is None else name
+    if any(s.name == name and s.reason == reason for s in skipped):
         return
-    skipped.append(Skipped(unit.fqn, reason, where))
+    skipped.append(Skipped(name, reason, where))
 
 
 def _check_fused_sides(results: list[Any]) -> list[Any]:
@@ -981,18 +984,22 @@ def _site_groups(site: _Site, by_output: dict[Node, LoraUnit], by_input: dict[No
                 res.reason = FUSED_REASON
                 fused.add(id(res.unit))
 
-    def report(err: _NotAttn, prefix: str, units: list[LoraUnit | None]) -> None:
+    # fused projections another operand reached a part of: a failure on one is that side's part
+    split_parents = {id(r.unit.part.parent) for r in (q, k, v) if isinstance(r, _Side) and r.unit.part is not None}
+
+    def report(err: _NotAttn, prefix: str, units: list[LoraUnit | None], side: str = "") -> None:
         for unit in [err.unit, *units]:
             if unit is None:
                 continue
             reason = FUSED_REASON if (err.reason == FUSED_REASON or id(unit) in fused) else f"{prefix}: {err.reason}"
-            _skip(skipped, unit, reason, err.where)
+            name = f"{unit.fqn}[{side}]" if side and id(unit) in split_parents else None
+            _skip(skipped, unit, reason, err.where, name)
 
     # q/k
     if isinstance(q, _NotAttn) or isinstance(k, _NotAttn):
         err = q if isinstance(q, _NotAttn) else k
         if err.unit is not None or any(isinstance(r, _Side) for r in (q, k)):
-            report(err, "attention q/k not grouped", [unit_of(r) for r in (q, k)])
+            report(err, "attention q/k not grouped", [unit_of(r) for r in (q, k)], "q" if err is q else "k")
     else:
         res = _try(_group_qk, site, q, k, mask)
         if isinstance(res, Group):
@@ -1006,7 +1013,7 @@ def _site_groups(site: _Site, by_output: dict[Node, LoraUnit], by_input: dict[No
         if isinstance(v, _NotAttn) and v.reason == FUSED_REASON and o_unit is not None:
             _skip(skipped, o_unit, FUSED_REASON, v.where)
         if err.unit is not None or isinstance(v, _Side) or not isinstance(out, _NotAttn):
-            report(err, "attention v/o not grouped", [unit_of(v), o_unit])
+            report(err, "attention v/o not grouped", [unit_of(v), o_unit], "v" if err is v else "")
     else:
         res = _try(_group_vo, site, v, out, mask)
         if isinstance(res, Group):

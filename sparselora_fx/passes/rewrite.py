@@ -46,20 +46,34 @@ def _order(graph: Graph) -> dict[Node, int]:
     return {n: i for i, n in enumerate(graph.nodes)}
 
 
-def _weight_oriented(graph: Graph, unit: LoraUnit) -> Node:
-    """The frozen weight as ``[out, in]`` (a ``t()`` view for weights stored pre-transposed, Conv1D).
+def _oriented(graph: Graph, unit: LoraUnit) -> tuple[Node, Node | None]:
+    """The frozen weight as ``[out, in]`` (a ``t()`` view for weights stored pre-transposed, Conv1D)
+    and the frozen bias, as the sparse ops read them.
 
-    For a part of a fused projection: the part's rows of the fused weight (a slice view, or for a
-    per-head interleaved part a gather of its rows), and the part's bias slice is bound to
-    ``unit.part.bias`` so ``unit.bias`` reads it.
+    For a part of a fused projection: the part's rows of the fused weight and of its bias (slice
+    views, or for a per-head interleaved part a gather of its rows).
     """
     w = unit.weight if not unit.base.weight_transposed else graph.call_method("t", (unit.weight,))
+    b = unit.base.bias
+    part = unit.part
+    if part is None:
+        return w, b
+    return _part_rows_of(graph, part, w), (_part_rows_of(graph, part, b) if b is not None else None)
+
+
+def oriented_weight(unit: LoraUnit, weight: torch.Tensor) -> torch.Tensor:
+    """The value ``_oriented`` gives the sparse ops for ``unit``, from the frozen weight's value.
+
+    Why: estimator factors are keyed by the values of exactly that tensor, so they can be built
+    at compile time (``pass_prepare_estimators``) rather than on the first step.
+    """
+    w = weight.t() if unit.base.weight_transposed else weight
     part = unit.part
     if part is None:
         return w
-    if unit.base.bias is not None:
-        part.bias = _part_rows_of(graph, part, unit.base.bias)
-    return _part_rows_of(graph, part, w)
+    if part.block == part.width:
+        return w[part.offset:part.offset + part.width]
+    return w.unflatten(0, (-1, part.period))[:, part.offset:part.offset + part.block].flatten(0, 1)
 
 
 def _part_rows_of(graph: Graph, part: FusedPart, t: Node) -> Node:
@@ -92,17 +106,28 @@ class FusedRewrites:
 
     def __init__(self) -> None:
         self.chosen: dict[int, list[tuple[FusedPart, Node]]] = {}
+        self.splits: dict[int, TokenSplit | None] = {}
 
-    def add(self, unit: LoraUnit, idx: Node) -> None:
+    def add(self, unit: LoraUnit, idx: Node, split: TokenSplit | None = None) -> None:
+        """Record that ``unit`` (a part) keeps its channels ``idx``; nothing is rewritten until ``finish``.
+
+        ``split`` (``tokens = "output_dense"``): the dense tokens of the fused GEMM compute every row.
+        """
         part = unit.part
         assert part is not None
         with unit.graph_module.graph.inserting_before(unit.base.node):
             rows = _fused_rows(unit.graph_module.graph, part, idx)
         self.chosen.setdefault(id(part.parent), []).append((part, rows))
+        self.splits[id(part.parent)] = split
 
     def finish(self, skipped: list[Skipped]) -> None:
+        """Replace each recorded fused GEMM by one that computes the union of its parts' kept rows.
+
+        Call once, after every group's rewriter ran; a fused projection whose parts overlap stays
+        dense (appended to ``skipped`` with the reason).
+        """
         ops = _ops()
-        for chosen in self.chosen.values():
+        for key, chosen in self.chosen.items():
             parent = chosen[0][0].parent
             graph = parent.graph_module.graph
             rows_taken = [r for part, _ in chosen for r in part.rows()]
@@ -113,15 +138,20 @@ class FusedRewrites:
                 continue
             rest = sorted(set(range(parent.out_features)) - set(rows_taken))
             device = _example_device(parent)
+            split = self.splits.get(key)
             with graph.inserting_before(parent.base.node):
                 pieces = [rows for _, rows in chosen]
                 if rest:
                     pieces.append(graph.call_function(torch.tensor, (rest,), {"dtype": torch.int64, "device": device}))
                 idx = graph.call_function(torch.cat, (pieces,))
                 idx = graph.call_function(operator.getitem, (graph.call_function(torch.sort, (idx,)), 0))
-                w = _weight_oriented(graph, parent)
-                new = graph.call_function(ops.rows_linear_scatter.default,
-                                          (_compute_input(parent), w, idx, parent.bias))
+                w, b = _oriented(graph, parent)
+                x = _compute_input(parent)
+                if split is None:
+                    new = graph.call_function(ops.rows_linear_scatter.default, (x, w, idx, b))
+                else:
+                    new = _split_linear(graph, split, x, lambda r: graph.call_function(F.linear, (r, w, b)),
+                                        lambda r: graph.call_function(ops.rows_linear_scatter.default, (r, w, idx, b)))
             _replace_base(parent, new)
 
 
@@ -216,11 +246,17 @@ def _split_mlp_tokens(group: Group, split: TokenSplit) -> None:
         rows_s = graph.call_function(take_rows, (x, split.sparse_idx))
     # The copy goes just before ``out``: values the region reads from outside it (a LoRA scale's
     # ``.item()`` under dynamic shapes) may be defined between its nodes.
+    # Conv1D's closing ``view(*x.shape[:-1], out)`` holds the full batch's sizes; on the dense rows
+    # (already ``[tokens, out]`` out of its addmm) it is the identity, so the copy skips it.
+    unflatten = {u.base.node: u.base.inner[-1] for u in group.units if u.base.inner}
     with graph.inserting_before(out):
         rows_d = graph.call_function(take_rows, (x, split.dense_idx))
         env: dict[Node, Node] = {x: rows_d}
         for n in region:
-            env[n] = graph.node_copy(n, lambda a: env.get(a, a))
+            if n in unflatten and unflatten[n] in env:
+                env[n] = env[unflatten[n]]
+            else:
+                env[n] = graph.node_copy(n, lambda a: env.get(a, a))
     for n in region:
         n.replace_input_with(x, rows_s)
     with graph.inserting_after(out):
@@ -250,33 +286,29 @@ def _rewrite_mlp(gp: GroupPlan, mask: Node | None, split: TokenSplit | None = No
     if (first.part is None) != (second is None or second.part is None) or (
             second is not None and first.part is not None and second.part.parent is not first.part.parent):
         raise CannotRewrite("gate and up are not the two halves of one fused projection")
-    if split is not None and first.part is not None:
-        raise CannotRewrite("a fused gate_up cannot split its tokens (tokens = \"output_dense\"); "
-                            "use tokens = \"all_sparse\" to sparsify it")
     if split is not None:
         _split_mlp_tokens(group, split)
     with graph.inserting_before(anchor):
-        w1 = _weight_oriented(graph, first)
-        w2 = _weight_oriented(graph, second) if second is not None else None
+        w1, b1 = _oriented(graph, first)
+        w2, b2 = _oriented(graph, second) if second is not None else (None, None)
         idx = graph.call_function(
             ops.select_mlp.default,
-            (x, w1, first.bias, w2, second.bias if second is not None else None, mask, gp.keep, group.act,
-             *_estimator_args(gp)),
+            (x, w1, b1, w2, b2, mask, gp.keep, group.act, *_estimator_args(gp)),
         )
     if first.part is not None:
         _rows_fused_mlp(graph, [u for u in (first, second) if u is not None], idx, gp.keep)
-    for unit, w in ((first, w1), (second, w2)):
+    for unit, w, b in ((first, w1, b1), (second, w2, b2)):
         if unit is None or unit.part is not None:
             continue
         with graph.inserting_before(unit.base.node):
-            new = graph.call_function(ops.rows_linear.default, (_compute_input(unit), w, idx, unit.bias))
+            new = graph.call_function(ops.rows_linear.default, (_compute_input(unit), w, idx, b))
         _replace_base(unit, new)
         _slice_lora(graph, unit, idx, "out")
     with graph.inserting_before(down.base.node):
-        wd = _weight_oriented(graph, down)
+        wd, bd = _oriented(graph, down)
         new = graph.call_function(ops.cols_linear.default, (down.base.input, wd, idx))
-        if down.bias is not None:
-            new = graph.call_function(torch.add, (new, down.bias))
+        if bd is not None:
+            new = graph.call_function(torch.add, (new, bd))
     _replace_base(down, new)
     _slice_lora(graph, down, idx, "in")
 
@@ -289,8 +321,8 @@ def _rows_fused_mlp(graph: Graph, parts: list[LoraUnit], idx: Node, keep: int) -
     parent = parts[0].part.parent  # type: ignore[union-attr]
     with graph.inserting_before(parent.base.node):
         rows = graph.call_function(torch.cat, ([_fused_rows(graph, u.part, idx) for u in parts],))  # type: ignore[arg-type]
-        w = _weight_oriented(graph, parent)
-        new = graph.call_function(ops.rows_linear.default, (_compute_input(parent), w, rows, parent.bias))
+        w, b = _oriented(graph, parent)
+        new = graph.call_function(ops.rows_linear.default, (_compute_input(parent), w, rows, b))
     _replace_base(parent, new)
     _slice_lora(graph, parent, rows, "out")
     old_splits = {u.part.piece.args[0] for u in parts} - {parent.output}  # type: ignore[union-attr]
@@ -315,10 +347,10 @@ def _rewrite_vo(gp: GroupPlan, mask: Node | None, split: TokenSplit | None = Non
     _check_covers(split, v.base.input, o.base.input)
     _check_fused(group, split, fused)
     with graph.inserting_before(v.base.node):
-        wv = _weight_oriented(graph, v)
+        wv, bv = _oriented(graph, v)
         sel = graph.call_function(
             ops.select_vo.default,
-            (v.base.input, wv, v.bias, mask, gp.keep, group.num_heads, group.num_kv_heads, group.head_dim,
+            (v.base.input, wv, bv, mask, gp.keep, group.num_heads, group.num_kv_heads, group.head_dim,
              *_estimator_args(gp)),
         )
         idx_v = graph.call_function(operator.getitem, (sel, 0))
@@ -326,25 +358,25 @@ def _rewrite_vo(gp: GroupPlan, mask: Node | None, split: TokenSplit | None = Non
         if v.part is not None:
             new_v = None
         elif split is None:
-            new_v = graph.call_function(ops.rows_linear_scatter.default, (v.base.input, wv, idx_v, v.bias))
+            new_v = graph.call_function(ops.rows_linear_scatter.default, (v.base.input, wv, idx_v, bv))
         else:
             new_v = _split_linear(
-                graph, split, v.base.input, lambda r: graph.call_function(F.linear, (r, wv, v.bias)),
-                lambda r: graph.call_function(ops.rows_linear_scatter.default, (r, wv, idx_v, v.bias)))
+                graph, split, v.base.input, lambda r: graph.call_function(F.linear, (r, wv, bv)),
+                lambda r: graph.call_function(ops.rows_linear_scatter.default, (r, wv, idx_v, bv)))
     if new_v is None:
-        fused.add(v, idx_v)
+        fused.add(v, idx_v, split)  # type: ignore[union-attr]
     else:
         _replace_base(v, new_v)
     with graph.inserting_before(o.base.node):
-        wo = _weight_oriented(graph, o)
+        wo, bo = _oriented(graph, o)
         if split is None:
             new_o = graph.call_function(ops.cols_linear_gather.default, (o.base.input, wo, idx_o))
         else:
             new_o = _split_linear(
                 graph, split, o.base.input, lambda r: graph.call_function(F.linear, (r, wo)),
                 lambda r: graph.call_function(ops.cols_linear_gather.default, (r, wo, idx_o)))
-        if o.bias is not None:
-            new_o = graph.call_function(torch.add, (new_o, o.bias))
+        if bo is not None:
+            new_o = graph.call_function(torch.add, (new_o, bo))
     _replace_base(o, new_o)
 
 
@@ -365,27 +397,27 @@ def _rewrite_qk(gp: GroupPlan, mask: Node | None, split: TokenSplit | None = Non
     # select_qk reads the same only when told rotary_dim = head_dim (rotary_dim 0 = pass-through).
     rotary_dim = group.rotary_dim if group.rope != "none" else group.head_dim
     with graph.inserting_before(anchor):
-        wq = _weight_oriented(graph, q)
-        wk = _weight_oriented(graph, k)
+        wq, bq = _oriented(graph, q)
+        wk, bk = _oriented(graph, k)
         sel = graph.call_function(
             ops.select_qk.default,
-            (q.base.input, wq, q.bias, k.base.input, wk, k.bias, mask, gp.keep, gp.keep_pass, group.num_heads,
+            (q.base.input, wq, bq, k.base.input, wk, bk, mask, gp.keep, gp.keep_pass, group.num_heads,
              group.num_kv_heads, group.head_dim, group.rope, rotary_dim, *_estimator_args(gp)),
         )
         idx_q = graph.call_function(operator.getitem, (sel, 0))
         idx_k = graph.call_function(operator.getitem, (sel, 1))
-    for unit, w, idx in ((q, wq, idx_q), (k, wk, idx_k)):
+    for unit, w, b, idx in ((q, wq, bq, idx_q), (k, wk, bk, idx_k)):
         if unit.part is not None:
-            fused.add(unit, idx)  # type: ignore[union-attr]
+            fused.add(unit, idx, split)  # type: ignore[union-attr]
             continue
         with graph.inserting_before(unit.base.node):
             if split is None:
-                new = graph.call_function(ops.rows_linear_scatter.default, (unit.base.input, w, idx, unit.bias))
+                new = graph.call_function(ops.rows_linear_scatter.default, (unit.base.input, w, idx, b))
             else:
                 new = _split_linear(
                     graph, split, unit.base.input,
-                    lambda r, w=w, b=unit.bias: graph.call_function(F.linear, (r, w, b)),
-                    lambda r, w=w, i=idx, b=unit.bias: graph.call_function(
+                    lambda r, w=w, b=b: graph.call_function(F.linear, (r, w, b)),
+                    lambda r, w=w, i=idx, b=b: graph.call_function(
                         ops.rows_linear_scatter.default, (r, w, i, b)))
         _replace_base(unit, new)
 
@@ -395,9 +427,6 @@ def _check_fused(group: Group, split: TokenSplit | None, fused: FusedRewrites | 
         return
     if fused is None:
         raise CannotRewrite("parts of a fused projection need the fused-rows pass (internal error)")
-    if split is not None:
-        raise CannotRewrite("a fused projection cannot split its tokens (tokens = \"output_dense\"); "
-                            "use tokens = \"all_sparse\" to sparsify it")
 
 
 def _check_covers(split: TokenSplit | None, *inputs: Any) -> None:

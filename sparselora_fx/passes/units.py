@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch.fx import GraphModule, Node
@@ -17,6 +17,9 @@ from torch.fx import GraphModule, Node
 from .._compat import dynamo_source_name
 from ..names import module_of_param, source_to_path
 from . import graph_ops as ops
+
+if TYPE_CHECKING:  # groups.py imports this module
+    from .groups import Group
 
 log = logging.getLogger("sparselora_fx")
 
@@ -78,8 +81,16 @@ class LoraUnit:
 
     @property
     def bias(self) -> Node | None:
-        """The frozen bias; for a part, its slice (bound by the rewrite when it slices the weight)."""
-        return self.part.bias if self.part is not None else self.base.bias
+        """The frozen bias of the whole linear.
+
+        A part of a fused projection has none of its own: the rewrite slices the parent's bias
+        together with the weight rows (``rewrite._oriented``), so asking a part fails loudly
+        rather than hand back the whole fused bias.
+        """
+        if self.part is not None and self.base.bias is not None:
+            raise AssertionError(f"{self.fqn}: a part's bias is its rows of `{self.part.parent.fqn}`'s bias; "
+                                 "take it from rewrite._oriented")
+        return self.base.bias
 
     @property
     def graph_module(self) -> GraphModule:
@@ -106,7 +117,6 @@ class FusedPart:
     block: int
     period: int
     piece: Node
-    bias: Node | None = None  # the part's slice of the parent's bias, made by the rewrite
 
     def rows(self) -> list[int]:
         """Every fused row of this part, in part-channel order."""
@@ -133,7 +143,7 @@ def part_unit(parent: LoraUnit, name: str, offset: int, width: int, piece: Node,
     return unit
 
 
-def expand_fused(units: list[LoraUnit], groups: list) -> list[LoraUnit]:
+def expand_fused(units: list[LoraUnit], groups: list[Group]) -> list[LoraUnit]:
     """``units`` with each fused projection that has a grouped part replaced by its parts.
 
     Why: the report, the plan and the rewrite speak of units with one role each; a fused qkv_proj

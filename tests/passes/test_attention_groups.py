@@ -22,6 +22,7 @@ from sparselora_fx.passes import graph_ops as ops
 from tests.conftest import analysis_model
 from sparselora_fx.passes.attention import FUSED_REASON, find_attention_groups
 from sparselora_fx.passes.groups import Group, Skipped
+from sparselora_fx.passes.rewrite import oriented_weight
 from sparselora_fx.passes.units import LoraUnit, find_lora_units
 
 
@@ -154,6 +155,14 @@ def test_hf_fused_qkv_is_grouped_by_parts(arch: str) -> None:
         assert q.part.parent is k.part.parent is v.part.parent
         rows = sorted(r for u in (q, k, v) for r in u.part.rows())
         assert rows == list(range(q.part.parent.out_features)), "the parts tile the fused output"
+        # the weight the sparse ops (and the compile-time SVD factors) get for a part is its rows
+        w = torch.randn(ops.example_value(q.weight).shape)
+        w_out = w.t() if q.base.weight_transposed else w
+        for unit in (q, k, v):
+            assert torch.equal(oriented_weight(unit, w), w_out[unit.part.rows()])
+            if unit.base.bias is not None:  # a part's bias is its rows of the fused bias, never the whole
+                with pytest.raises(AssertionError, match="a part's bias"):
+                    unit.bias
 
 
 def test_hf_llama_gqa_head_map_matches_float64_run() -> None:
@@ -259,12 +268,12 @@ def repeat_kv(x: torch.Tensor, n: int) -> torch.Tensor:
 class TinyAttention(nn.Module):
     def __init__(self, rope: str = "half", rotary_dim: int = HEAD_DIM, gqa: str = "enable_gqa",
                  impl: str = "sdpa", spelling: str = "linear", fused: bool | str = False, q_op: str = "",
-                 leak_q: bool = False, q_scale: bool = False):
+                 leak_q: bool = False, q_scale: bool = False, v_op: str = ""):
         super().__init__()
         self.scaling = HEAD_DIM ** -0.5 if q_scale else None
         self.kv_heads = HEADS if gqa == "none" else KV_HEADS
         self.rope, self.rotary_dim, self.gqa, self.impl = rope, rotary_dim, gqa, impl
-        self.fused, self.q_op, self.leak_q = fused, q_op, leak_q
+        self.fused, self.q_op, self.leak_q, self.v_op = fused, q_op, leak_q, v_op
         q_w, kv_w = HEADS * HEAD_DIM, self.kv_heads * HEAD_DIM
         if fused:
             self.qkv_proj = LoraLinear(HIDDEN, q_w + 2 * kv_w, spelling)
@@ -295,6 +304,8 @@ class TinyAttention(nn.Module):
         v = v.view(b, s, -1, HEAD_DIM).transpose(1, 2)
         if self.q_op == "sin":
             q = torch.sin(q)
+        if self.v_op == "sin":
+            v = torch.sin(v)
         leaked = q * 2.0 if self.leak_q else leaked
         q = apply_rope(q, cos[:t], sin[:t], self.rope, self.rotary_dim)
         k = apply_rope(k, cos[:s], sin[:s], self.rope, self.rotary_dim)
@@ -442,6 +453,25 @@ def test_hand_written_fused_qkv_is_grouped() -> None:
     (qk,), (vo,) = t.kind("attn_qk"), t.kind("attn_vo")
     assert [u.part.offset for u in qk.units] == [0, HEADS * HEAD_DIM]
     assert vo.units[0].part.offset == (HEADS + KV_HEADS) * HEAD_DIM
+
+
+def test_fused_qkv_with_a_broken_v_path_reports_every_part() -> None:
+    """q/k of a fused projection grouped, v's path unprovable: v's reason stays in the report under
+    the part's name (the parent's name is not a grouped unit), and o carries one too."""
+    from sparselora_fx import explain
+
+    torch.manual_seed(0)
+    block = Block(fused=True, v_op="sin")
+    cos, sin = rope_tables("half", HEAD_DIM, SEQ)
+    report = explain(block, torch.randn(BATCH, SEQ, HIDDEN), cos, sin, options={"sparsity": 0.5})
+    assert [g.kind for g in report.groups] == ["attn_qk"]
+    reasons = {s.name: s.reason for s in report.skipped}
+    assert "`sin`" in reasons.get("attn.qkv_proj[v]", ""), reasons
+    assert "attn.o_proj" in reasons, reasons
+    grouped = {u.fqn for g in report.groups for u in g.units}
+    for unit in report.units:  # every unit is grouped or says why not
+        assert unit.fqn in grouped or unit.fqn in reasons, (unit.fqn, reasons)
+    assert "attn.qkv_proj" not in reasons, "the parent's q/k parts are grouped: name the part"
 
 
 def test_hand_written_fused_qkv_read_elsewhere_stays_dense() -> None:
