@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-profile", action="store_true", help="skip the estimator-share profile")
+    p.add_argument("--where", type=int, default=0, metavar="N",
+                   help="also profile one step per side and report its N most expensive ops (where the time goes)")
     p.add_argument("--out", default="", help="result stem (default benchmarks/results/train_step-<device>-<dtype>)")
     return p.parse_args(argv)
 
@@ -157,6 +159,21 @@ def estimator_share(side: Side) -> dict[str, float]:
     return {"select_s": select_us / 1e6, "profiled_step_s": wall, "share": select_us / 1e6 / wall}
 
 
+def where_time_goes(side: Side, top: int) -> list[dict[str, Any]]:
+    """The `top` ops by self time over one profiled step, with their share of the step's op time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.device(side.args.device).type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        side.step()
+    events = [e for e in prof.key_averages() if not e.key.startswith("ProfilerStep")]
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    total = sum(getattr(e, attr) for e in events) or 1
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    return [{"op": e.key, "self_ms": getattr(e, attr) / 1e3, "share": getattr(e, attr) / total, "calls": e.count}
+            for e in events[:top]]
+
+
 def run_config(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Both sides of one config: compile, warm up, interleave timed steps, profile, count FLOPs."""
     torch._dynamo.reset()
@@ -198,6 +215,8 @@ def run_config(cfg: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     }
     if not args.no_profile:
         out["estimator"] = estimator_share(sparse)
+    if args.where:
+        out["where"] = {side.name: where_time_goes(side, args.where) for side in (dense, sparse)}
     return out
 
 
@@ -234,7 +253,14 @@ def markdown(results: dict[str, Any]) -> str:
             "speedup / ideal; estimator share = profiler time of sparselora::select_* over one sparse step. "
             "Peak step memory: " + ("CUDA allocator peak" if results["device"].startswith("cuda") else
                                     "sampled RSS above the level before the step") + ".\n\n")
-    return head + tabulate(rows, headers=headers, tablefmt="github") + "\n"
+    body = tabulate(rows, headers=headers, tablefmt="github") + "\n"
+    for r in results["runs"]:
+        for name, ops in r.get("where", {}).items():
+            body += (f"\nWhere the time goes, {name}, {r['config']['hidden']} x{r['config']['layers']}, "
+                     f"{r['config']['batch']}x{r['config']['seq']} (one profiled step, self time):\n\n")
+            body += tabulate([[o["op"], f"{o['self_ms']:.1f}", f"{100 * o['share']:.1f}%", o["calls"]] for o in ops],
+                             headers=["op", "self ms", "share", "calls"], tablefmt="github") + "\n"
+    return head + body
 
 
 def main(argv: list[str] | None = None) -> int:

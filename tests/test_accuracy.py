@@ -1,0 +1,106 @@
+"""The accuracy study's data, storage and statistics (the training itself is a benchmark)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from sparselora_fx import accuracy as A
+
+_OBJECTS = {
+    f"mod{m}.obj{o}": [[f"Sentence {m}-{o}-{s} says something about module {m}." for s in range(4)]]
+    for m in range(3) for o in range(6)
+}
+
+
+def test_pairs_are_balanced_and_split_by_object() -> None:
+    train, evals = A.coherence_pairs(_OBJECTS, eval_fraction=0.3, seed=0)
+    assert train and evals
+    assert not {p.obj for p in train} & {p.obj for p in evals}
+    train_text = {x for p in train for x in (p.a, p.b)}
+    assert not train_text & {x for p in evals for x in (p.a, p.b)}
+    for split in (train, evals):
+        assert sum(p.label for p in split) * 2 == len(split)
+        for p in split:
+            src = _OBJECTS[p.obj][0]
+            if p.label:
+                assert src.index(p.b) == src.index(p.a) + 1
+            else:
+                assert p.b not in src  # another object's sentence
+    assert A.coherence_pairs(_OBJECTS, eval_fraction=0.3, seed=0) == (train, evals)
+
+
+def test_eval_pairs_with_text_copied_from_train_are_dropped() -> None:
+    objs = dict(_OBJECTS)
+    train, _ = A.coherence_pairs(objs, eval_fraction=0.3)
+    shared = train[0].a
+    victim = next(o for o in objs if A._in_eval(o, 0.3))
+    objs[victim] = [[shared, "A sentence only this eval object has, long enough."]]
+    _, evals = A.coherence_pairs(objs, eval_fraction=0.3)
+    assert all(shared not in (p.a, p.b) for p in evals)
+
+
+def test_too_few_objects_is_a_clear_error() -> None:
+    with pytest.raises(A.AccuracyError, match="only 1 object\\(s\\) in the train split"):
+        A.coherence_pairs({"m.a": _OBJECTS["mod0.obj0"]}, eval_fraction=0.0)
+
+
+def test_stdlib_corpus_has_enough_eval_items() -> None:
+    train, evals = A.coherence_pairs(eval_fraction=A.StudyConfig().eval_fraction)
+    assert len(evals) >= 2000 and len(train) > len(evals)
+
+
+def test_study_is_resumable_and_saves_after_each_run(tmp_path, monkeypatch) -> None:
+    calls = []
+
+    def fake_train(spec, cfg, train, evals, path):
+        calls.append(spec.key)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the sitting ends mid-study
+        return {"key": spec.key, "selection": spec.selection, "sparsity": spec.sparsity, "seed": spec.seed,
+                "accuracy": 0.5, "eval_loss": 0.7, "eval_items": 10, "train_s": 0.0}
+
+    monkeypatch.setattr(A, "train_run", fake_train)
+    monkeypatch.setattr(A, "coherence_pairs", lambda **kw: ([], []))
+    monkeypatch.setattr(A, "_encode", lambda tok, pairs, n: {})
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: None)
+    out = tmp_path / "acc.json"
+    runs = A.study_runs(seeds=(0,), selections=("random",), sparsities=(0.5, 0.9))
+    cfg = A.StudyConfig(steps=3)
+    with pytest.raises(KeyboardInterrupt):
+        A.run_study(out, cfg, runs, model_path=tmp_path)
+    assert list(A.load_results(out, cfg)) == ["dense#0", "random@0.9#0"]
+    calls.clear()
+    done = A.run_study(out, cfg, runs, model_path=tmp_path)
+    assert calls == ["random@0.5#0"] and len(done) == 3
+    # another protocol: the old file is set aside, never mixed in
+    assert A.load_results(out, A.StudyConfig(steps=4)) == {}
+    assert (tmp_path / "acc.json.stale").exists() and not out.exists()
+
+
+def test_truncated_result_file_is_set_aside(tmp_path) -> None:
+    out = tmp_path / "acc.json"
+    out.write_text('{"format": "sparselora-accuracy/1", "runs": {', encoding="utf-8")
+    assert A.load_results(out, A.StudyConfig()) == {}
+    assert (tmp_path / "acc.json.stale").read_text(encoding="utf-8").startswith('{"format"')
+
+
+def test_summary_intervals() -> None:
+    runs = {f"dense#{s}": {"selection": "dense", "sparsity": None, "seed": s, "accuracy": a,
+                           "eval_loss": 0.5, "eval_items": 1000} for s, a in enumerate((0.80, 0.82, 0.84))}
+    (row,) = A.summarize(runs)
+    assert row["mean"] == pytest.approx(0.82)
+    # t(0.975, 2) * sd / sqrt(3), sd = 0.02
+    assert row["ci_seeds"][1] - row["mean"] == pytest.approx(4.303 * 0.02 / math.sqrt(3))
+    lo, hi = row["ci_items"]  # Wilson on 3000 items around 0.82
+    assert lo < 0.82 < hi and hi - lo == pytest.approx(2 * 1.96 * math.sqrt(0.82 * 0.18 / 3000), rel=0.01)
+    assert "| dense" in A.to_markdown([row])
+
+
+def test_unknown_selection_is_an_error() -> None:
+    with pytest.raises(A.AccuracyError, match="unknown selection 'magic'"):
+        A._policy(A.RunSpec("magic", 0.5, 0))
+    policy = A._policy(A.RunSpec("random", 0.9, 1))
+    assert policy.estimator_for("mlp").kind == "random" and policy.estimator_for("mlp").seed == 1
