@@ -17,6 +17,7 @@ there, so a study of many runs can stop and resume across sittings.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import importlib
 import inspect
@@ -188,7 +189,11 @@ class StudyConfig:
     steps: int = 250
     batch: int = 16
     max_length: int = 64
-    lr: float = 2e-3  # 5e-4 left dense LoRA on the loss plateau for 100-250 steps, seed-dependent
+    lr: float = 5e-4
+    # "mean": a linear head on mean-pooled token states (how MiniLM was trained to be used). With
+    # "cls" (BertForSequenceClassification's pooler) dense LoRA sat on the ln 2 plateau for 100 to
+    # 250+ steps depending on the seed (benchmarks/results/accuracy-pilot-lr5e-4.json), at 2e-3 too.
+    pooling: str = "mean"
     lora_rank: int = 8
     eval_batch: int = 128
     eval_fraction: float = 0.25
@@ -231,12 +236,39 @@ def _encode(tok: Any, pairs: Sequence[Pair], max_length: int) -> dict[str, torch
     return enc
 
 
+Output = collections.namedtuple("Output", "loss logits")
+
+
+class MeanPoolClassifier(torch.nn.Module):
+    """Encoder + linear head on the mean of the real tokens' last hidden states."""
+
+    def __init__(self, encoder: torch.nn.Module, num_labels: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = torch.nn.Linear(encoder.config.hidden_size, num_labels)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> Output:
+        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
+                         token_type_ids=token_type_ids).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        logits = self.head((h * m).sum(1) / m.sum(1).clamp_min(1))
+        loss = torch.nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        return Output(loss, logits)
+
+
 def _build(model_path: Path, cfg: StudyConfig, seed: int) -> Any:
     import peft
     import transformers as tf
 
+    if cfg.pooling not in ("mean", "cls"):
+        raise AccuracyError(f"pooling={cfg.pooling!r}: use 'mean' (head on mean-pooled states) or 'cls'.")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if cfg.pooling == "mean":
+            encoder = tf.AutoModel.from_pretrained(model_path, local_files_only=True, add_pooling_layer=False)
+            lora = peft.LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, target_modules="all-linear")
+            return MeanPoolClassifier(peft.get_peft_model(encoder, lora), 2)
         model = tf.AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2,
                                                                       local_files_only=True)
         # Set now: the first forward would set it and the config change would recompile the graph.
