@@ -42,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = accuracy.StudyConfig()
-    runs = accuracy.study_runs(seeds=[int(s) for s in args.seeds.split(",") if s])
+    runs = accuracy.study_runs(seeds=[int(s) for s in args.seeds.split(",") if s],
+                               selections=accuracy.SELECTIONS + accuracy.EXTRA_SELECTIONS)
+    if not args.only:
+        runs = [r for r in runs if r.selection not in accuracy.EXTRA_SELECTIONS]
     if args.only:
         keys = set(args.only.split(","))
         unknown = keys - {r.key for r in runs}
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
           "LoRA on every linear, fresh classifier head; trained sparse (every MLP at the stated "
           "sparsity, attention dense), evaluated dense. Selections: token_sample = the policy default "
           "(exact activations of 3% of the tokens, >= 32), svd = rank-8 SVD per token, random = random "
-          "channels each step, oracle = exact activations of every token (the ranking an ideal estimator "
+          "channels each step, token_sample_128 = exact activations of a fixed 128 tokens, oracle = exact activations of every token (the ranking an ideal estimator "
           "gives, at dense cost: the gap between oracle and dense is what the sparsity itself costs).", "",
           accuracy.to_markdown(rows),
           "95% CI (seeds): Student t over the seeds' accuracies; 95% CI (items): Wilson interval of the "

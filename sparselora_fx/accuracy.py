@@ -169,7 +169,8 @@ def coherence_pairs(objects: dict[str, list[list[str]]] | None = None, *, eval_f
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
     """One fine-tuning run: `selection` is "dense" (plain LoRA) or how channels are chosen:
-    "token_sample" (the policy default), "svd" (rank 8), "random", or "oracle" (exact activations
+    "token_sample" (the policy default), "token_sample_128" (a fixed 128-token sample), "svd"
+    (rank 8), "random", or "oracle" (exact activations
     of every token: the best any estimator can do, at dense cost; it separates what the estimator
     loses from what the sparsity itself costs)."""
 
@@ -202,6 +203,8 @@ class StudyConfig:
 
 
 SELECTIONS = ("token_sample", "svd", "random", "oracle")
+#: Selections outside the default grid, run on request (--only).
+EXTRA_SELECTIONS = ("token_sample_128",)
 SPARSITIES = (0.5, 0.75, 0.9)
 
 
@@ -220,7 +223,8 @@ def _policy(spec: RunSpec) -> Any:
 
     est = {"token_sample": DEFAULT_ESTIMATORS["mlp"], "svd": EstimatorSpec("svd", rank=8),
            "random": EstimatorSpec("random", seed=spec.seed),
-           "oracle": EstimatorSpec("token_sample", samples=1, fraction=1.0)}
+           "oracle": EstimatorSpec("token_sample", samples=1, fraction=1.0),
+           "token_sample_128": EstimatorSpec("token_sample", samples=128)}
     if spec.selection not in est:
         raise AccuracyError(f"unknown selection {spec.selection!r}; use dense or one of {', '.join(est)}.")
     return Policy(mlp=spec.sparsity, attn_qk=None, attn_vo=None, tokens="all_sparse",
