@@ -68,9 +68,12 @@ def main(argv: list[str] | None = None) -> int:
           f"({meta.get('eval_objects', '?')} objects). Protocol: {json.dumps(accuracy.dataclasses.asdict(cfg))}. "
           "LoRA on every linear, fresh classifier head; trained sparse (every MLP at the stated "
           "sparsity, attention dense), evaluated dense. Selections: token_sample = the policy default "
-          "(exact activations of 3% of the tokens, >= 32), svd = rank-8 SVD per token, random = random "
-          "channels each step, token_sample_128 = exact activations of a fixed 128 tokens, oracle = exact activations of every token (the ranking an ideal estimator "
-          "gives, at dense cost: the gap between oracle and dense is what the sparsity itself costs).", "",
+          "(exact activations of 3% of the tokens, >= 64: 64 of the 1024 a step here), svd = rank-8 SVD "
+          "per token, random = random channels each step, oracle = exact activations of every token (the "
+          "ranking an ideal estimator gives, at dense cost: the gap between oracle and dense is what the "
+          "sparsity itself costs), recipe = the default estimator with the paper's layer and step "
+          f"sensitivity (first and last layer dense, the first {accuracy.RECIPE_WARMUP:.0%} of the steps "
+          "dense), token_sample_128 = exact activations of a fixed 128 tokens.", "",
           accuracy.to_markdown(rows),
           "95% CI (seeds): Student t over the seeds' accuracies; 95% CI (items): Wilson interval of the "
           f"pooled eval items. Python {meta.get('python', '?')}, torch {meta.get('torch', '?')}."]

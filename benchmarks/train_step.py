@@ -5,7 +5,7 @@ warm-up excluded, steps interleaved (dense, sparse, dense, ...) so that load on 
 hits both alike, median of >= 10 steps with the min-max spread of every timing. Each config
 reports the speedup, the executed-FLOPs ratio (ideal speedup, from sparselora_fx.flops with the
 sparsities the backend's report states), efficiency = speedup / ideal, the estimator's share of
-a sparse step (torch.profiler time of the sparselora::select_* ops), compile times and peak
+a sparse step (wall time of the sparselora::select_* ops, median of 3 steps), compile times and peak
 step memory. Writes JSON and a markdown table under benchmarks/results/ with the machine
 (CPU model, cores, load average, torch version).
 
@@ -148,15 +148,35 @@ class Side:
         return time.perf_counter() - start
 
 
-def estimator_share(side: Side) -> dict[str, float]:
-    """Share of one profiled sparse step spent in the sparselora::select_* ops (scores + top-k)."""
-    from torch.profiler import ProfilerActivity, profile
+def estimator_share(side: Side, steps: int = 3) -> dict[str, float]:
+    """Share of a sparse step spent in the sparselora::select_* ops (scores + top-k), median of `steps`.
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(side.args.device).type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        wall = side.step()
-    select_us = sum(e.cpu_time_total for e in prof.key_averages() if e.key.startswith("sparselora::select"))
-    return {"select_s": select_us / 1e6, "profiled_step_s": wall, "share": select_us / 1e6 / wall}
+    CPU: the ops' own wall clock (a hook in runtime/selection.py, no profiler overhead). CUDA: the
+    ops' launches are asynchronous, so the profiler's device time of the ops is used instead.
+    """
+    from sparselora_fx.runtime import selection
+
+    if torch.device(side.args.device).type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        shares, walls, sels = [], [], []
+        for _ in range(steps):
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                wall = side.step()
+            sel = sum(e.device_time_total for e in prof.key_averages() if e.key.startswith("sparselora::select")) / 1e6
+            shares.append(sel / wall), walls.append(wall), sels.append(sel)
+    else:
+        shares, walls, sels = [], [], []
+        for _ in range(steps):
+            selection._WALL_TIMES = []
+            try:
+                wall = side.step()
+                sel = sum(selection._WALL_TIMES)
+            finally:
+                selection._WALL_TIMES = None
+            shares.append(sel / wall), walls.append(wall), sels.append(sel)
+    i = sorted(range(steps), key=shares.__getitem__)[steps // 2]
+    return {"select_s": sels[i], "step_s": walls[i], "share": shares[i], "shares": shares}
 
 
 def where_time_goes(side: Side, top: int) -> list[dict[str, Any]]:
@@ -250,7 +270,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"Estimators: {results['runs'][0]['config']['estimator']}.\n\n"
             f"{results['steps']} timed steps per side after {results['warmup']} warm-up steps, interleaved; "
             "median with min-max. Ideal = dense FLOPs / sparse FLOPs (sparselora_fx.flops); efficiency = "
-            "speedup / ideal; estimator share = profiler time of sparselora::select_* over one sparse step. "
+            "speedup / ideal; estimator share = wall time of the sparselora::select_* ops over a sparse step (median of 3 steps; CUDA: profiler device time). "
             "Peak step memory: " + ("CUDA allocator peak" if results["device"].startswith("cuda") else
                                     "sampled RSS above the level before the step") + ".\n\n")
     body = tabulate(rows, headers=headers, tablefmt="github") + "\n"

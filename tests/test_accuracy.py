@@ -53,17 +53,18 @@ def test_stdlib_corpus_has_enough_eval_items() -> None:
 
 
 def test_study_is_resumable_and_saves_after_each_run(tmp_path, monkeypatch) -> None:
-    calls = []
+    calls, interrupted = [], []
 
     def fake_train(spec, cfg, train, evals, path):
         calls.append(spec.key)
-        if len(calls) == 3:
+        if len(calls) == 3 and not interrupted:
+            interrupted.append(True)
             raise KeyboardInterrupt  # the sitting ends mid-study
         return {"key": spec.key, "selection": spec.selection, "sparsity": spec.sparsity, "seed": spec.seed,
                 "accuracy": 0.5, "eval_loss": 0.7, "eval_items": 10, "train_s": 0.0}
 
     monkeypatch.setattr(A, "train_run", fake_train)
-    monkeypatch.setattr(A, "coherence_pairs", lambda **kw: ([], []))
+    monkeypatch.setattr(A, "coherence_pairs", lambda **kw: ([A.Pair("a", "b", 1, "m.x")], []))
     monkeypatch.setattr(A, "_encode", lambda tok, pairs, n: {})
     monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", lambda *a, **k: None)
     out = tmp_path / "acc.json"
@@ -75,14 +76,20 @@ def test_study_is_resumable_and_saves_after_each_run(tmp_path, monkeypatch) -> N
     calls.clear()
     done = A.run_study(out, cfg, runs, model_path=tmp_path)
     assert calls == ["random@0.5#0"] and len(done) == 3
-    # another protocol: the old file is set aside, never mixed in
+    # other data (another corpus): the old file is set aside, never mixed in
+    monkeypatch.setattr(A, "coherence_pairs", lambda **kw: ([A.Pair("a", "c", 1, "m.x")], []))
+    calls.clear()
+    done = A.run_study(out, cfg, runs, model_path=tmp_path)
+    assert calls == ["dense#0", "random@0.9#0", "random@0.5#0"] and len(done) == 3
+    assert (tmp_path / "acc.json.stale").exists()
+    # another protocol: likewise
     assert A.load_results(out, A.StudyConfig(steps=4)) == {}
-    assert (tmp_path / "acc.json.stale").exists() and not out.exists()
+    assert not out.exists()
 
 
 def test_truncated_result_file_is_set_aside(tmp_path) -> None:
     out = tmp_path / "acc.json"
-    out.write_text('{"format": "sparselora-accuracy/1", "runs": {', encoding="utf-8")
+    out.write_text('{"format": "sparselora-accuracy/2", "runs": {', encoding="utf-8")
     assert A.load_results(out, A.StudyConfig()) == {}
     assert (tmp_path / "acc.json.stale").read_text(encoding="utf-8").startswith('{"format"')
 
@@ -101,20 +108,55 @@ def test_summary_intervals() -> None:
 
 def test_unknown_selection_is_an_error() -> None:
     with pytest.raises(A.AccuracyError, match="unknown selection 'magic'"):
-        A._policy(A.RunSpec("magic", 0.5, 0))
-    policy = A._policy(A.RunSpec("random", 0.9, 1))
+        A._policy(A.RunSpec("magic", 0.5, 0), 250)
+    policy = A._policy(A.RunSpec("random", 0.9, 1), 250)
     assert policy.estimator_for("mlp").kind == "random" and policy.estimator_for("mlp").seed == 1
 
 
 def test_merge_adds_runs_of_other_files_and_refuses_foreign_ones(tmp_path) -> None:
     cfg = A.StudyConfig()
     run = {"selection": "dense", "sparsity": None, "accuracy": 0.6, "eval_loss": 0.6, "eval_items": 10}
-    A._save(tmp_path / "a.json", cfg, {"dense#0": {**run, "seed": 0}}, {"eval_items": 10})
+    A._save(tmp_path / "a.json", cfg, {"dense#0": {**run, "seed": 0}}, {"eval_items": 10}, "d1")
     A._save(tmp_path / "b.json", cfg, {"dense#1": {**run, "seed": 1}, "dense#0": {**run, "seed": 0, "accuracy": 0.1}},
-            {"eval_items": 10})
+            {"eval_items": 10}, "d1")
     done = A.merge_results(tmp_path / "a.json", cfg, [tmp_path / "b.json"])
     assert sorted(done) == ["dense#0", "dense#1"] and done["dense#0"]["accuracy"] == 0.6  # out's copy wins
     assert A.load_results(tmp_path / "a.json", cfg) == done
-    A._save(tmp_path / "c.json", A.StudyConfig(steps=1), {"dense#2": {**run, "seed": 2}}, {})
+    A._save(tmp_path / "c.json", A.StudyConfig(steps=1), {"dense#2": {**run, "seed": 2}}, {}, "d1")
     with pytest.raises(A.AccuracyError, match="no finished runs of this protocol"):
         A.merge_results(tmp_path / "a.json", cfg, [tmp_path / "c.json"])
+    A._save(tmp_path / "d.json", cfg, {"dense#2": {**run, "seed": 2}}, {}, "d2")
+    with pytest.raises(A.AccuracyError, match="other data \\(fingerprint d2\\)"):
+        A.merge_results(tmp_path / "a.json", cfg, [tmp_path / "d.json"])
+    assert sorted(A.load_results(tmp_path / "a.json", cfg, "d1")) == ["dense#0", "dense#1"]
+
+
+def test_data_fingerprint_sees_any_change() -> None:
+    train, evals = A.coherence_pairs(_OBJECTS, eval_fraction=0.3, seed=0)
+    fp = A.data_fingerprint(train, evals)
+    assert fp == A.data_fingerprint(list(train), list(evals))
+    assert fp != A.data_fingerprint(train[1:], evals)
+    assert fp != A.data_fingerprint(evals, train)  # which split a pair is in matters
+    flipped = [A.Pair(p.a, p.b, 1 - p.label, p.obj) for p in train]
+    assert fp != A.data_fingerprint(flipped, evals)
+
+
+def test_stdlib_corpus_does_not_depend_on_what_this_process_imported() -> None:
+    from sparselora_fx import docstring_corpus
+
+    # In this process (torch, transformers imported) the stdlib packages have grown attributes;
+    # the default corpus is collected in a fresh interpreter, so it equals a bare run's.
+    objs = A.stdlib_objects()
+    assert objs == A.stdlib_objects()
+    mods = ["json", "textwrap", "fractions"]
+    fresh = {k: v for k, v in objs.items() if k.split(".")[0] in mods}
+    assert fresh == docstring_corpus.docstring_objects(mods)  # small modules: no import side effects here
+    assert "distutils" not in {k.split(".")[0] for k in objs}
+
+
+def test_recipe_keeps_first_and_last_layer_dense_with_a_warm_up() -> None:
+    policy = A._policy(A.RunSpec("recipe", 0.75, 0), 250)
+    assert policy.warmup_steps_for(250) == 25
+    assert policy.estimator_for("mlp") == A._policy(A.RunSpec("token_sample", 0.75, 0), 250).estimator_for("mlp")
+    got = [policy.resolve(f"encoder.layer.{i}.intermediate.dense", "mlp", num_layers=6) for i in range(6)]
+    assert got == [None, 0.75, 0.75, 0.75, 0.75, None]

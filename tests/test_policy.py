@@ -228,9 +228,9 @@ def test_estimator_fraction_and_random_kinds() -> None:
 
 
 def test_estimator_forms() -> None:
-    p = Policy()  # the measured defaults: exact activations of 3% of the tokens (>= 32), MLP and V/O
-    assert p.estimator_for("gated_mlp") == EstimatorSpec("token_sample", samples=32, fraction=0.03)
-    assert p.estimator_for("attn_vo") == EstimatorSpec("token_sample", samples=32, fraction=0.03)
+    p = Policy()  # the measured defaults: exact activations of 3% of the tokens (>= 64), MLP and V/O
+    assert p.estimator_for("gated_mlp") == EstimatorSpec("token_sample", samples=64, fraction=0.03)
+    assert p.estimator_for("attn_vo") == EstimatorSpec("token_sample", samples=64, fraction=0.03)
     assert p.estimator_for("attn_qk") == EstimatorSpec("svd", rank=8)
     one = Policy.from_dict({"defaults": {"estimator": {"kind": "token_sample", "samples": 32}}})
     for kind in ("mlp", "attn_qk", "attn_vo"):
@@ -251,7 +251,7 @@ def test_estimator_forms() -> None:
     assert per.estimator_for("attn_vo") == per.estimator_for("attn_qk")
     partial = Policy(estimator={"attn_vo": EstimatorSpec("svd", rank=4)})
     assert partial.estimator_for("attn_vo").rank == 4
-    assert partial.estimator_for("mlp") == EstimatorSpec("token_sample", samples=32, fraction=0.03)
+    assert partial.estimator_for("mlp") == EstimatorSpec("token_sample", samples=64, fraction=0.03)
 
 
 @pytest.mark.parametrize(

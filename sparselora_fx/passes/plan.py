@@ -23,7 +23,7 @@ class EstimatorChoice:
     fraction: float = 0.0
 
     def describe(self) -> str:
-        """Short text for tables, e.g. `token_sample:32+3%`."""
+        """Short text for tables, e.g. `token_sample:64+3%`."""
         return describe_estimator(self.kind, self.rank, self.samples, self.fraction)
 
 

@@ -327,7 +327,7 @@ register_estimator(RandomEstimator)
 
 def describe_estimator(kind: str, rank: int | None = None, samples: int | None = None,
                        fraction: float | None = None) -> str:
-    """Short text for tables: `svd:8`, `token_sample:120`, `token_sample:32+3%`, `random`."""
+    """Short text for tables: `svd:8`, `token_sample:120`, `token_sample:64+3%`, `random`."""
     if kind == "svd":
         return f"svd:{rank}"
     if kind == "token_sample":

@@ -17,6 +17,7 @@ Padding tokens (mask 0) never contribute (estimators zero their rows; activation
 from __future__ import annotations
 
 import math
+import time
 from fractions import Fraction
 
 import dataclasses
@@ -63,7 +64,18 @@ def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
 _DEBUG_RECORD: list | None = None
 
 
-def _record(op: str, out):
+#: Benchmark hook: when set to a list, every selection op run for real appends its wall time in
+#: seconds (host clock; on CUDA the op's launches, not its kernels). None (default) times nothing.
+_WALL_TIMES: list | None = None
+
+
+def _clock() -> float:
+    return time.perf_counter() if _WALL_TIMES is not None else 0.0
+
+
+def _record(op: str, out, started: float = 0.0):
+    if _WALL_TIMES is not None:
+        _WALL_TIMES.append(time.perf_counter() - started)
     if _DEBUG_RECORD is not None:
         _DEBUG_RECORD.append((op, tuple(t.detach().clone() for t in out) if isinstance(out, tuple) else out.detach().clone()))
     return out
@@ -374,9 +386,10 @@ def select_mlp(
     """Sorted int64 [keep]: the intermediate channels of a gated (w2 = up) or plain MLP to keep."""
     _check_mlp(x, w1, b1, w2, b2, keep, act)
     est = _estimator(estimator, rank, samples, seed, fraction)
+    started = _clock()
     with torch.no_grad():
         scores = mlp_scores(x.detach(), w1, b1, w2, b2, mask, act, est)
-        return _record("select_mlp", topk_sorted(scores, keep))
+        return _record("select_mlp", topk_sorted(scores, keep), started)
 
 
 @select_mlp.register_fake
@@ -405,9 +418,10 @@ def select_vo(
     """(idx_v [keep], idx_o [keep * g]): V output channels and the matching O input channels."""
     _check_vo(x, w_v, b_v, keep, num_heads, num_kv_heads, head_dim)
     est = _estimator(estimator, rank, samples, seed, fraction)
+    started = _clock()
     with torch.no_grad():
         idx_v = topk_sorted(vo_scores(x.detach(), w_v, b_v, mask, est), keep)
-        return _record("select_vo", (idx_v, kv_to_q_channels(idx_v, num_heads, num_kv_heads, head_dim)))
+        return _record("select_vo", (idx_v, kv_to_q_channels(idx_v, num_heads, num_kv_heads, head_dim)), started)
 
 
 @select_vo.register_fake
@@ -445,6 +459,7 @@ def select_qk(
     _check_qk(x_q, w_q, b_q, x_k, w_k, b_k, keep_rot, keep_pass, num_heads, num_kv_heads,
               head_dim, rope, rotary_dim)
     est = _estimator(estimator, rank, samples, seed, fraction)
+    started = _clock()
     with torch.no_grad():
         xq2d, mq = _flatten(x_q.detach(), mask)
         xk2d, mk = _flatten(x_k.detach(), mask)
@@ -455,7 +470,7 @@ def select_qk(
             (k_norm,) = est.column_norms(xk2d, [(w_k, b_k)], mk)
         scores = qk_dim_scores(q_norm, k_norm, num_heads, num_kv_heads, head_dim)
         dims = select_head_dims(scores, keep_rot, keep_pass, rope, rotary_dim)
-        return _record("select_qk", qk_channel_indices(dims, num_heads, num_kv_heads, head_dim))
+        return _record("select_qk", qk_channel_indices(dims, num_heads, num_kv_heads, head_dim), started)
 
 
 @select_qk.register_fake
