@@ -166,15 +166,22 @@ def estimator_share(side: Side, steps: int = 3) -> dict[str, float]:
             sel = sum(e.device_time_total for e in prof.key_averages() if e.key.startswith("sparselora::select")) / 1e6
             shares.append(sel / wall), walls.append(wall), sels.append(sel)
     else:
-        shares, walls, sels = [], [], []
+        shares, walls, sels, by_op = [], [], [], []
         for _ in range(steps):
             selection._WALL_TIMES = []
             try:
                 wall = side.step()
-                sel = sum(selection._WALL_TIMES)
+                times = selection._WALL_TIMES
             finally:
                 selection._WALL_TIMES = None
-            shares.append(sel / wall), walls.append(wall), sels.append(sel)
+            ops: dict[str, float] = {}
+            for op, sec in times:
+                ops[op] = ops.get(op, 0.0) + sec
+            sel = sum(ops.values())
+            shares.append(sel / wall), walls.append(wall), sels.append(sel), by_op.append(ops)
+        i = sorted(range(steps), key=shares.__getitem__)[steps // 2]
+        return {"select_s": sels[i], "step_s": walls[i], "share": shares[i], "shares": shares,
+                "by_op_s": by_op[i]}
     i = sorted(range(steps), key=shares.__getitem__)[steps // 2]
     return {"select_s": sels[i], "step_s": walls[i], "share": shares[i], "shares": shares}
 
@@ -266,7 +273,7 @@ def markdown(results: dict[str, Any]) -> str:
     head = (f"# Train-step benchmark ({results['device']}, {results['dtype']})\n\n"
             f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), torch {m['torch']}"
             f"{', GPU ' + m['gpu'] if 'gpu' in m else ''}. Load average before/after (1/5/15 min): "
-            f"{m['loadavg_1_5_15']} / {results['loadavg_after']} -- other processes shared the cores.\n\n"
+            f"{m['loadavg_1_5_15']} / {results['loadavg_after']} (a load before the run near the core count means other processes shared the cores; the load after includes the benchmark's own threads).\n\n"
             f"Estimators: {results['runs'][0]['config']['estimator']}.\n\n"
             f"{results['steps']} timed steps per side after {results['warmup']} warm-up steps, interleaved; "
             "median with min-max. Ideal = dense FLOPs / sparse FLOPs (sparselora_fx.flops); efficiency = "
@@ -275,6 +282,10 @@ def markdown(results: dict[str, Any]) -> str:
                                     "sampled RSS above the level before the step") + ".\n\n")
     body = tabulate(rows, headers=headers, tablefmt="github") + "\n"
     for r in results["runs"]:
+        per_op = r.get("estimator", {}).get("by_op_s")
+        if per_op:
+            body += ("\nEstimator by op (ms per sparse step, all layers): "
+                     + ", ".join(f"{op} {1e3 * sec:.1f}" for op, sec in sorted(per_op.items())) + "\n")
         for name, ops in r.get("where", {}).items():
             body += (f"\nWhere the time goes, {name}, {r['config']['hidden']} x{r['config']['layers']}, "
                      f"{r['config']['batch']}x{r['config']['seq']} (one profiled step, self time):\n\n")

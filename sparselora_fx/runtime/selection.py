@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import PolicyError, UnsupportedGraphError
-from .estimators import Estimator, _wide, get_estimator
+from .estimators import Estimator, _wide, column_l2, get_estimator
 
 __all__ = [
     "ACTIVATIONS",
@@ -64,8 +64,9 @@ def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
 _DEBUG_RECORD: list | None = None
 
 
-#: Benchmark hook: when set to a list, every selection op run for real appends its wall time in
-#: seconds (host clock; on CUDA the op's launches, not its kernels). None (default) times nothing.
+#: Benchmark hook: when set to a list, every selection op run for real appends ``(op_name,
+#: seconds)``, its wall time (host clock; on CUDA the op's launches, not its kernels). None (the
+#: default) times nothing.
 _WALL_TIMES: list | None = None
 
 
@@ -75,7 +76,7 @@ def _clock() -> float:
 
 def _record(op: str, out, started: float = 0.0):
     if _WALL_TIMES is not None:
-        _WALL_TIMES.append(time.perf_counter() - started)
+        _WALL_TIMES.append((op, time.perf_counter() - started))
     if _DEBUG_RECORD is not None:
         _DEBUG_RECORD.append((op, tuple(t.detach().clone() for t in out) if isinstance(out, tuple) else out.detach().clone()))
     return out
@@ -142,11 +143,6 @@ def _flatten(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, 
     return x2d, m
 
 
-def _norms(y: torch.Tensor) -> torch.Tensor:
-    """Per-channel L2 norm over rows, at least in float32."""
-    return torch.linalg.vector_norm(_wide(y), dim=0)
-
-
 def mlp_scores(
     x: torch.Tensor,
     w1: torch.Tensor,
@@ -162,9 +158,9 @@ def mlp_scores(
     x2d, m = _flatten(x, mask)
     if w2 is None:
         (h,) = estimator.estimate_many(x2d, [(w1, b1)], m)
-        return _norms(fn(_wide(h)))
+        return column_l2(fn(_wide(h)))
     g, u = estimator.estimate_many(x2d, [(w1, b1), (w2, b2)], m)
-    return _norms(fn(_wide(g)) * _wide(u))
+    return column_l2(fn(_wide(g)) * _wide(u))
 
 
 def vo_scores(

@@ -381,3 +381,33 @@ def test_sampled_estimator_in_op_excludes_padding():
     scores = S.mlp_scores(x, w1, None, None, None, mask, "relu", est)
     truth = torch.relu(_masked(_lin64(x, w1, None), mask)).norm(dim=0)
     torch.testing.assert_close(scores.double(), truth, rtol=1e-5, atol=1e-5)
+
+
+def test_column_l2_matches_vector_norm_and_reduces_low_precision_in_float32():
+    torch.manual_seed(0)
+    y = torch.randn(37, 53, dtype=torch.float64)
+    torch.testing.assert_close(E.column_l2(y), torch.linalg.vector_norm(y, dim=0), rtol=1e-12, atol=0)
+    torch.testing.assert_close(E.column_l2(y.t().contiguous().t()), E.column_l2(y), rtol=1e-12, atol=0)
+    half = y.to(torch.bfloat16)
+    out = E.column_l2(half)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.linalg.vector_norm(half.float(), dim=0))
+
+
+def test_wall_time_hook_records_each_select_op_once_per_call():
+    torch.manual_seed(0)
+    x, w1, w2 = torch.randn(16, 8), torch.randn(12, 8), torch.randn(12, 8)
+    wq, wk = torch.randn(8, 8), torch.randn(4, 8)
+    S._WALL_TIMES = []
+    try:
+        torch.ops.sparselora.select_mlp(x, w1, None, w2, None, None, 3, "silu", "token_sample", 8, 4, 0, 0.0)
+        torch.ops.sparselora.select_vo(x, wk, None, None, 2, 2, 1, 4, "token_sample", 8, 4, 0, 0.0)
+        torch.ops.sparselora.select_qk(x, wq, None, x, wk, None, None, 2, 0, 2, 1, 4, "half", 4,
+                                       "svd", 2, 4, 0, 0.0)
+        times = S._WALL_TIMES
+    finally:
+        S._WALL_TIMES = None
+    assert [op for op, _ in times] == ["select_mlp", "select_vo", "select_qk"]
+    assert all(0 < sec < 60 for _, sec in times)
+    torch.ops.sparselora.select_mlp(x, w1, None, w2, None, None, 3, "silu", "token_sample", 8, 4, 0, 0.0)
+    assert S._WALL_TIMES is None  # off by default: nothing recorded
