@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         done = accuracy.load_results(out, cfg)
     else:
         done = accuracy.run_study(out, cfg, runs, max_runs=args.max_runs)
-    meta = json.loads(out.read_text(encoding="utf-8")).get("meta", {}) if out.exists() else {}
+    saved = json.loads(out.read_text(encoding="utf-8")) if out.exists() else {}
+    meta = saved.get("meta", {})
     rows = accuracy.summarize(done)
     md = ["# Fine-tuning accuracy: dense LoRA vs SparseLoRA (MiniLM-L6, sentence coherence)", "",
           f"Task: does sentence B follow sentence A in the same stdlib docstring? Balanced pairs, hard "
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
           "dense), token_sample_128 = exact activations of a fixed 128 tokens.", "",
           accuracy.to_markdown(rows),
           "95% CI (seeds): Student t over the seeds' accuracies; 95% CI (items): Wilson interval of the "
-          f"pooled eval items. Python {meta.get('python', '?')}, torch {meta.get('torch', '?')}."]
+          f"pooled eval items. Python {meta.get('python', '?')}, torch {meta.get('torch', '?')}; data "
+          f"fingerprint {saved.get('data', '?')} (sparselora_fx.accuracy.data_fingerprint)."]
     out.with_suffix(".md").write_text("\n".join(md) + "\n", encoding="utf-8")
     print("\n".join(md))
     return 0

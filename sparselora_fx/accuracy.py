@@ -358,10 +358,10 @@ def _save(path: Path, cfg: StudyConfig, runs: dict[str, dict[str, Any]], meta: d
           data: str | None) -> None:
     """Atomic write (temp file + rename): an interrupted study never leaves a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    found = {"format": FORMAT, "config": dataclasses.asdict(cfg), "data": data, "meta": meta, "runs": runs}
+    content = {"format": FORMAT, "config": dataclasses.asdict(cfg), "data": data, "meta": meta, "runs": runs}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(found, f, indent=1)
+        json.dump(content, f, indent=1)
         f.write("\n")
     os.chmod(tmp, 0o644)  # mkstemp makes it private; a results file is for sharing
     os.replace(tmp, path)
