@@ -33,7 +33,6 @@ from fractions import Fraction
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import OptionsError
 from . import factor_cache

@@ -380,9 +380,9 @@ def select_mlp(
     fraction: float = 0.0,
 ) -> torch.Tensor:
     """Sorted int64 [keep]: the intermediate channels of a gated (w2 = up) or plain MLP to keep."""
+    started = _clock()
     _check_mlp(x, w1, b1, w2, b2, keep, act)
     est = _estimator(estimator, rank, samples, seed, fraction)
-    started = _clock()
     with torch.no_grad():
         scores = mlp_scores(x.detach(), w1, b1, w2, b2, mask, act, est)
         return _record("select_mlp", topk_sorted(scores, keep), started)
@@ -412,9 +412,9 @@ def select_vo(
     fraction: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(idx_v [keep], idx_o [keep * g]): V output channels and the matching O input channels."""
+    started = _clock()
     _check_vo(x, w_v, b_v, keep, num_heads, num_kv_heads, head_dim)
     est = _estimator(estimator, rank, samples, seed, fraction)
-    started = _clock()
     with torch.no_grad():
         idx_v = topk_sorted(vo_scores(x.detach(), w_v, b_v, mask, est), keep)
         return _record("select_vo", (idx_v, kv_to_q_channels(idx_v, num_heads, num_kv_heads, head_dim)), started)
@@ -452,10 +452,10 @@ def select_qk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(idx_q [num_heads*keep_ch], idx_k [num_kv_heads*keep_ch]): the same head dims for K head
     j and every q head of its group, RoPE pairs kept together."""
+    started = _clock()
     _check_qk(x_q, w_q, b_q, x_k, w_k, b_k, keep_rot, keep_pass, num_heads, num_kv_heads,
               head_dim, rope, rotary_dim)
     est = _estimator(estimator, rank, samples, seed, fraction)
-    started = _clock()
     with torch.no_grad():
         xq2d, mq = _flatten(x_q.detach(), mask)
         xk2d, mk = _flatten(x_k.detach(), mask)
