@@ -445,6 +445,7 @@ def summarize(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         groups.setdefault((r["selection"], r["sparsity"]), []).append(r)
     rows = []
     for (sel, s), rs in sorted(groups.items(), key=lambda kv: (kv[0][0] != "dense", kv[0][0], kv[0][1] or 0)):
+        rs = sorted(rs, key=lambda r: r["seed"])  # per-seed columns in seed order, whatever the file order
         accs = [r["accuracy"] for r in rs]
         mean = statistics.mean(accs)
         half = _T95.get(len(accs) - 1, 1.96) * statistics.stdev(accs) / math.sqrt(len(accs)) if len(accs) > 1 else float("nan")
@@ -452,7 +453,7 @@ def summarize(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         z = 1.959964
         centre = (mean + z * z / (2 * n)) / (1 + z * z / n)
         wil = z * math.sqrt(mean * (1 - mean) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-        rows.append({"selection": sel, "sparsity": s, "seeds": sorted(r["seed"] for r in rs), "mean": mean,
+        rows.append({"selection": sel, "sparsity": s, "seeds": [r["seed"] for r in rs], "mean": mean,
                      "ci_seeds": (mean - half, mean + half), "ci_items": (centre - wil, centre + wil),
                      "accuracies": accs, "eval_loss": statistics.mean(r["eval_loss"] for r in rs)})
     return rows

@@ -671,9 +671,9 @@ def _check_layer(layer: Any, num_layers: int | None, source: str) -> None:
 # tokens, 0.97 with 128, against 0.45 at MLP sparsity 0.9). The sample is 3% of the micro-batch's
 # tokens, at least 64: for a gated MLP (2 of its 3 GEMMs estimated) 3% is 2% of the group's dense
 # forward GEMM FLOPs (122 tokens at 4096), so the estimator's share of a step does not grow with
-# the batch. The floor decides below 2134 tokens: the accuracy study (1024 tokens a step) lost
-# points with a 32-token sample that a larger one recovered (benchmarks/results/accuracy.md), and
-# on CPU a 64-row GEMM is no slower than a 61-row one (the weight read dominates). V/O uses the
+# the batch. The floor decides below 2134 tokens: at ~900-token batches 64 tokens keep 0.96 /
+# 0.94 / 0.93 of the oracle's energy where 32 kept 0.92 / 0.89 / 0.86 (fidelity.md), and on CPU a
+# 64-row GEMM is no slower than a 61-row one (the weight read dominates). V/O uses the
 # same rule (its estimate is cheaper still). Q/K: the paper's rank-8 SVD, scored through a Gram
 # matrix (no per-token estimate).
 DEFAULT_ESTIMATORS: dict[str, EstimatorSpec] = {

@@ -159,3 +159,10 @@ def test_recipe_keeps_first_and_last_layer_dense_with_a_warm_up() -> None:
     assert policy.estimator_for("mlp") == A._policy(A.RunSpec("token_sample", 0.75, 0), 250).estimator_for("mlp")
     got = [policy.resolve(f"encoder.layer.{i}.intermediate.dense", "mlp", num_layers=6) for i in range(6)]
     assert got == [None, 0.75, 0.75, 0.75, 0.75, None]
+
+
+def test_summary_lists_seeds_in_order_whatever_the_file_order() -> None:
+    runs = {f"random@0.9#{s}": {"selection": "random", "sparsity": 0.9, "seed": s, "accuracy": a,
+                                "eval_loss": 0.7, "eval_items": 100} for s, a in ((2, 0.52), (0, 0.50), (1, 0.51))}
+    (row,) = A.summarize(runs)
+    assert row["seeds"] == [0, 1, 2] and row["accuracies"] == [0.50, 0.51, 0.52]
