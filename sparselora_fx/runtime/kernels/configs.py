@@ -33,11 +33,15 @@ class TileConfig:
 
 
 #: Candidates for Hopper-class GPUs, bf16/fp16 first; fp32 drops those over budget.
+#: The two 64-wide-P tiles are for few kept channels: at MLP sparsity 0.99 a gate/up GEMM keeps
+#: 143 of 14336 outputs, and 128x128 tiles over 4096 tokens make only 64 CTAs for 132 SMs.
 HOPPER_CONFIGS: tuple[TileConfig, ...] = (
     TileConfig(128, 256, 64, num_warps=8, num_stages=3),
     TileConfig(128, 128, 64, num_warps=8, num_stages=4),
     TileConfig(128, 128, 32, num_warps=4, num_stages=4),
     TileConfig(64, 128, 64, num_warps=4, num_stages=4),
+    TileConfig(128, 64, 64, num_warps=4, num_stages=4),
+    TileConfig(64, 64, 64, num_warps=4, num_stages=4),
 )
 
 #: The one tile used when autotuning is switched off: fits shared memory for every dtype.
