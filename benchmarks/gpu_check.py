@@ -87,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=0, help="untimed steps per side after compiling (default 2; smoke 1)")
     p.add_argument("--phases", default="env,kernels,ops,train", help="comma-separated subset to run")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cudagraphs", action="store_true",
+                   help="two more train sides on CUDA: dense and our kernels under CUDA graphs (reduce-overhead)")
     args = p.parse_args(argv)
     args.budget_s = args.budget_s or (100.0 if args.smoke else 300.0)
     args.steps = args.steps or (3 if args.smoke else 12)
@@ -418,8 +420,10 @@ def time_cublas_gemm(m: int, out_f: int, in_f: int, kind: str, dtype: torch.dtyp
 def phase_ops(args: argparse.Namespace, cfg: dict[str, Any], dev: torch.device, res: dict[str, Any],
               budget: Budget, deadline: float) -> str:
     """Per-op time of each kernel at the policy's keep counts vs cuBLAS (pre-gathered, gather+, dense)."""
+    from sparselora_fx.runtime import ops as _ops  # noqa: F401 - registers the triton_ops
     from sparselora_fx.runtime.kernels import gather_gemm as gg
 
+    sl = torch.ops.sparselora  # *_triton: the bodies the compiled CUDA graph runs
     dtype = torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(args.seed + 2)
     m = cfg["batch"] * cfg["seq"]
@@ -446,12 +450,18 @@ def phase_ops(args: argparse.Namespace, cfg: dict[str, Any], dev: torch.device, 
         ("down fwd cols_gemm w_t", (m, h), lambda o: gg.cols_gemm(x_mlp, w_down, i_mlp, w_t=w_down_t, out=o),
          (x_mlp, w_down[:, i_mlp].contiguous(), "lin"), lambda: lin(x_mlp, w_down[:, i_mlp]),
          lambda: lin(x_i, w_down)),
+        ("down fwd compiled (kept-column copy + kernel)", (m, h), lambda o: sl.cols_linear_triton(x_mlp, w_down, i_mlp),
+         (x_mlp, w_down[:, i_mlp].contiguous(), "lin"), lambda: lin(x_mlp, w_down[:, i_mlp]),
+         lambda: lin(x_i, w_down)),
         ("gate/up dX rows_gemm_dx", (m, h), lambda o: gg.rows_gemm_dx(x_mlp, w_up, i_mlp, out=o),
          (x_mlp, w_up[i_mlp].contiguous(), "mm"), lambda: x_mlp @ w_up[i_mlp], lambda: x_i @ w_up),
         ("down dX cols_gemm_dx", (m, keep["mlp"]), lambda o: gg.cols_gemm_dx(dy, w_down, i_mlp, out=o),
          (dy, w_down[:, i_mlp].contiguous(), "mm"), lambda: dy @ w_down[:, i_mlp], lambda: dy @ w_down),
         ("down dX cols_gemm_dx w_t", (m, keep["mlp"]),
          lambda o: gg.cols_gemm_dx(dy, w_down, i_mlp, w_t=w_down_t, out=o),
+         (dy, w_down[:, i_mlp].contiguous(), "mm"), lambda: dy @ w_down[:, i_mlp], lambda: dy @ w_down),
+        ("down dX compiled (kept-column copy + kernel)", (m, keep["mlp"]),
+         lambda o: sl.cols_linear_dx_triton(dy, w_down, i_mlp),
          (dy, w_down[:, i_mlp].contiguous(), "mm"), lambda: dy @ w_down[:, i_mlp], lambda: dy @ w_down),
         ("q fwd rows_gemm scatter", (m, q), lambda o: gg.rows_gemm(x, w_q, i_q, scatter=True, out=o),
          (x, w_q[i_q].contiguous(), "lin"), lambda: x.new_zeros(m, q).index_copy_(1, i_q, lin(x, w_q[i_q])),
@@ -461,6 +471,8 @@ def phase_ops(args: argparse.Namespace, cfg: dict[str, Any], dev: torch.device, 
          lambda: lin(x, w_k)),
         ("o fwd cols_gemm", (m, h), lambda o: gg.cols_gemm(x_q, w_o, i_o, out=o),
          (x_q, w_o[:, i_o].contiguous(), "lin"), lambda: lin(x_q, w_o[:, i_o]), lambda: lin(x_qf, w_o)),
+        ("o fwd compiled (kept-column copy + kernel)", (m, h), lambda o: sl.cols_linear_triton(x_q, w_o, i_o),
+         (x_q, w_o[:, i_o].contiguous(), "lin"), lambda: lin(x_q, w_o[:, i_o]), lambda: lin(x_qf, w_o)),
         ("q dX rows_gemm_dx", (m, h), lambda o: gg.rows_gemm_dx(x_q, w_q, i_q, out=o),
          (x_q, w_q[i_q].contiguous(), "mm"), lambda: x_q @ w_q[i_q], lambda: x_qf @ w_q),
         ("k/v dX rows_gemm_dx", (m, h), lambda o: gg.rows_gemm_dx(x_kv, w_k, i_kv, out=o),
@@ -468,6 +480,9 @@ def phase_ops(args: argparse.Namespace, cfg: dict[str, Any], dev: torch.device, 
         ("o dX cols_gemm_dx", (m, keep["o"]), lambda o: gg.cols_gemm_dx(dy, w_o, i_o, out=o),
          (dy, w_o[:, i_o].contiguous(), "mm"), lambda: dy @ w_o[:, i_o], lambda: dy @ w_o),
     ]
+    cases.append(("o dX compiled (kept-column copy + kernel)", (m, keep["o"]),
+                  lambda o: sl.cols_linear_dx_triton(dy, w_o, i_o),
+                  (dy, w_o[:, i_o].contiguous(), "mm"), lambda: dy @ w_o[:, i_o], lambda: dy @ w_o))
     records: list[dict[str, Any]] = res.setdefault("ops", [])
     for name, shape, ours, (a, wk, how), gather_cublas, dense_cublas in cases:
         if budget.elapsed() > deadline:
@@ -605,12 +620,29 @@ class Side:
         return dt
 
 
-def compiled_side_path(codes: list[str], kernel_calls: int) -> str:
+def own_entry(model: torch.nn.Module, name: str) -> Callable[..., Any]:
+    """`model(**batch)` behind a code object of its own.
+
+    Why: Dynamo caches a compiled frame per code object and backend, and two sparse sides with
+    equal options are the same backend to it, so the second side would reuse the first side's graph
+    (kernel path and all: SPARSELORA_DISABLE_TRITON is read when a graph compiles, and Dynamo
+    never sees it). Seen on the H200: the torch side "compiled" in 0.05 s and ran the kernels.
+    """
+    namespace: dict[str, Any] = {}
+    code = compile("def forward(**batch):\n    return model(**batch)\n", f"<gpu_check side {name}>", "exec")
+    exec(code, {"model": model}, namespace)  # noqa: S102 - a fixed string, no input
+    return namespace["forward"]
+
+
+def compiled_side_path(codes: list[str], kernel_calls: int, expect_code: bool = True) -> str:
     """triton_op when Inductor's code for the side holds the gather-GEMM kernel; else extern or torch by the calls.
 
     Why from the code: the swap counter (runtime.lowering.LOWERED) only counts traces, and a
-    compile served from torch's caches traces nothing.
+    compile served from torch's caches traces nothing. A side that Inductor made no code for
+    (`expect_code`) did not compile a graph of its own: "none", and the check fails.
     """
+    if expect_code and not codes:
+        return "none (no Inductor code for this side)"
     if any("gather_mm_kernel" in code for code in codes):
         return "triton_op"
     return "extern" if kernel_calls else "torch"
@@ -644,7 +676,8 @@ def phase_train(args: argparse.Namespace, cfg: dict[str, Any], dev: torch.device
         params = cfg["layers"] * (2 * cfg["hidden"] * cfg["heads"] * cfg["head_dim"]
                                   + 2 * cfg["hidden"] * cfg["kv_heads"] * cfg["head_dim"]
                                   + 3 * cfg["hidden"] * cfg["intermediate"]) + 2 * cfg["vocab"] * cfg["hidden"]
-        need = 3 * params * 2 * 2 + 24 * 2**30  # three bf16 models (fp32 build transient) + activations/workspace
+        n_models = 5 if args.cudagraphs else 3
+        need = n_models * params * 2 * 2 + 24 * 2**30  # bf16 models (fp32 build transient) + activations/workspace
         train["memory_guard"] = {"free_gib": free / 2**30, "need_gib": need / 2**30}
         if free < need:
             return f"skipped: {free / 2**30:.0f} GiB free, the guard wants {need / 2**30:.0f} GiB"
@@ -661,16 +694,26 @@ def phase_train(args: argparse.Namespace, cfg: dict[str, Any], dev: torch.device
     model_t = build_model(cfg, dtype, dev)  # same seed: the same weights as model_s
     n_reports = n_kern_reports = len(LAST_REPORTS)
     sparse_opts = {"policy": policy, "progress": False, **inner}
-    compiled_s = torch.compile(model_s, backend="sparselora", dynamic=False, options=sparse_opts)
-    compiled_t = torch.compile(model_t, backend="sparselora", dynamic=False, options=dict(sparse_opts))
+    compiled_s = torch.compile(own_entry(model_s, "kernels"), backend="sparselora", dynamic=False, options=sparse_opts)
+    compiled_t = torch.compile(own_entry(model_t, "torch"), backend="sparselora", dynamic=False,
+                               options=dict(sparse_opts))
     sparse_torch = Side("sparselora_torch", compiled_t, model_t, cfg, dev, disable_triton=True)
     sparse_kern = Side("sparselora_kernels", compiled_s, model_s, cfg, dev, disable_triton=False)
+    extra: list[Side] = []  # CUDA graphs: is the sparse step host-bound? (launch gaps vs kernels)
+    if args.cudagraphs and dev.type == "cuda":
+        model_dc = build_model(cfg, dtype, dev)
+        extra.append(Side("dense_cudagraphs", torch.compile(model_dc, mode="reduce-overhead", dynamic=False),
+                          model_dc, cfg, dev))
+        model_kc = build_model(cfg, dtype, dev)
+        cg_opts = {**sparse_opts, "inductor": {"triton.cudagraphs": True}}
+        extra.append(Side("sparselora_kernels_cudagraphs", torch.compile(own_entry(model_kc, "kernels_cg"),
+                          backend="sparselora", dynamic=False, options=cg_opts), model_kc, cfg, dev))
     train["build_s"] = time.monotonic() - t0
-    sides = [dense, sparse_torch, sparse_kern]
+    sides = [dense, sparse_torch, sparse_kern, *extra]
     out_sides: dict[str, Any] = train.setdefault("sides", {})
     # First steps compile. The path is fixed at compile time (the kernel goes into the graph), so
     # each sparse side compiles its own model, the torch side with SPARSELORA_DISABLE_TRITON=1 set.
-    for side in (dense, sparse_kern, sparse_torch):
+    for side in (dense, sparse_kern, sparse_torch, *extra):
         if budget.left() < 20:
             return f"cut before compiling {side.name}: {budget.left():.0f} s left"
         try:
@@ -700,7 +743,7 @@ def phase_train(args: argparse.Namespace, cfg: dict[str, Any], dev: torch.device
         for side in (sparse_torch, sparse_kern):
             with count_kernel_calls() as counts:
                 side.step()
-            path = compiled_side_path(side.codes, sum(counts.values()))
+            path = compiled_side_path(side.codes, sum(counts.values()), expect_code=not args.smoke)
             check[side.name] = {**counts, "lowered_ops": side.lowered, "inductor_modules": len(side.codes),
                                 "path": path}
             out_sides[side.name]["path"] = path
@@ -727,6 +770,13 @@ def phase_train(args: argparse.Namespace, cfg: dict[str, Any], dev: torch.device
         rec = out_sides.setdefault(side.name, {})
         rec.update(step_s=statistics.median(ts) if ts else float("nan"), min_s=min(ts, default=float("nan")),
                    max_s=max(ts, default=float("nan")), n=len(ts), times_s=ts, losses=side.losses)
+    profiles: dict[str, Any] = train.setdefault("profile", {})
+    for side in ok:  # one profiled step per side: where the time goes (device busy vs wall)
+        try:
+            profiles[side.name] = profile_step(side)
+        except Exception as e:  # a profiler problem must not cost the ideals below
+            res["notes"].append(f"train: profiling {side.name} failed: {type(e).__name__}: {e}"[:400])
+    save()
     for side in ok:
         if dev.type == "cuda":
             with triton_disabled(side.disable):
@@ -740,21 +790,46 @@ def phase_train(args: argparse.Namespace, cfg: dict[str, Any], dev: torch.device
     train["flops"] = fl
     t_ideal = time_ideal(cfg, dev, res, out_sides.get("dense", {}).get("step_s"))
     train["time_ideal"] = t_ideal
-    d = out_sides.get("dense", {}).get("step_s")
-    for name in ("sparselora_torch", "sparselora_kernels"):
+    by_name = {side.name: side for side in sides}
+    # Each sparse side against the dense side run the same way (CUDA graphs or not); the
+    # time-based ideal comes from the plain dense step.
+    for name, base in (("sparselora_torch", "dense"), ("sparselora_kernels", "dense"),
+                       ("sparselora_kernels_cudagraphs", "dense_cudagraphs")):
+        d = out_sides.get(base, {}).get("step_s")
         s = out_sides.get(name, {}).get("step_s")
-        if d and s and s == s:
+        if d and s and s == s and d == d:
             rec = out_sides[name]
+            rec["baseline"] = base
             rec["speedup"] = d / s
             rec["efficiency_flops"] = rec["speedup"] / fl["ideal"]
             if t_ideal.get("ideal"):
                 rec["efficiency_time"] = rec["speedup"] / t_ideal["ideal"]
-            rec["paired_speedups"] = [a / b for a, b in zip(dense.times, (sparse_torch if name.endswith("torch")
-                                                                          else sparse_kern).times)]
-    del model_d, model_s, model_t, dense, sparse_torch, sparse_kern, sides, ok, compiled_s, compiled_t
+            rec["paired_speedups"] = [a / b for a, b in zip(by_name[base].times, by_name[name].times)]
+    del model_d, model_s, model_t, dense, sparse_torch, sparse_kern, sides, ok, compiled_s, compiled_t, extra, by_name
     if done < args.steps:
         return f"budget: {done} of {args.steps} timed rounds ran"
     return ""
+
+
+def profile_step(side: Side) -> dict[str, Any]:
+    """One step under torch.profiler: device-busy time (sum of kernel times) against the step's wall
+    time, and the kernels and host ops that take the most time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if side.dev.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        wall = side.step()
+    rows = prof.key_averages()
+
+    def dev_us(e: Any) -> float:
+        return float(getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0)
+
+    kernels = [e for e in rows if str(getattr(e, "device_type", "")).endswith("CUDA") and dev_us(e) > 0]
+    return {"wall_ms": 1e3 * wall, "device_busy_ms": sum(dev_us(e) for e in kernels) / 1e3,
+            "kernel_launches": sum(e.count for e in kernels),
+            "top_device": [[e.key[:100], e.count, dev_us(e) / 1e3] for e in sorted(kernels, key=dev_us, reverse=True)[:15]],
+            "top_host": [[e.key[:100], e.count, e.self_cpu_time_total / 1e3]
+                         for e in sorted(rows, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]]}
 
 
 def time_ideal(cfg: dict[str, Any], dev: torch.device, res: dict[str, Any], dense_step_s: float | None) -> dict[str, Any]:
@@ -835,7 +910,7 @@ def markdown(res: dict[str, Any]) -> str:
                 continue
             rows.append([name, s.get("path", ""), f"{1e3 * s.get('step_s', float('nan')):.1f}",
                          f"{1e3 * s.get('min_s', float('nan')):.1f}-{1e3 * s.get('max_s', float('nan')):.1f}",
-                         s.get("n", 0), f"{s['speedup']:.2f}x" if "speedup" in s else "",
+                         s.get("n", 0), f"{s['speedup']:.2f}x vs {s['baseline']}" if "speedup" in s else "",
                          f"{s['efficiency_flops']:.2f}" if "efficiency_flops" in s else "",
                          f"{s['efficiency_time']:.2f}" if "efficiency_time" in s else "",
                          f"{s['peak_step_mem_gib']:.1f}" if "peak_step_mem_gib" in s else ""])
@@ -848,6 +923,11 @@ def markdown(res: dict[str, Any]) -> str:
                           + (f"{ti['ideal']:.2f}x (dense GEMMs that go sparse {1e3 * ti['dense_gemms_s']:.1f} ms -> "
                              f"{1e3 * ti['kept_gemms_s']:.1f} ms on pre-gathered weights)" if ti.get("ideal") else "n/a")
                           + f". Paper's efficiency: {PAPER_EFFICIENCY}."]
+        for name, pr in tr.get("profile", {}).items():
+            lines += ["", f"Profiled step, {name}: device busy {pr['device_busy_ms']:.1f} ms of {pr['wall_ms']:.1f} ms wall "
+                          f"(profiler on), {pr['kernel_launches']} kernel launches. Top kernels (ms): "
+                          + "; ".join(f"{k[:60]} x{c} {ms:.2f}" for k, c, ms in pr["top_device"][:8])
+                          + ". Top host ops (self ms): " + "; ".join(f"{k[:40]} x{c} {ms:.2f}" for k, c, ms in pr["top_host"][:6])]
         chk = tr.get("env_switch_check")
         if chk:
             lines += ["", f"Paths (fixed at compile time): with {DISABLE_ENV}=1 {chk['sparselora_torch']['path']}, "
@@ -880,7 +960,7 @@ def main(argv: list[str] | None = None) -> int:
     elif not torch.cuda.is_available():
         print("gpu_check: needs a CUDA GPU (or --smoke for the CPU dry run).", file=sys.stderr)
         return 2
-    dev = torch.device("cuda" if not args.smoke else "cpu")
+    dev = torch.device("cuda", 0) if not args.smoke else torch.device("cpu")
     if dev.type == "cuda":
         torch.cuda.set_device(0)
     torch.backends.cuda.matmul.allow_tf32 = False
