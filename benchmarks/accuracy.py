@@ -38,7 +38,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--summary-only", action="store_true", help="rewrite the markdown from the JSON")
     ap.add_argument("--merge", nargs="+", default=[], metavar="FILE",
                     help="add the finished runs of other result files (e.g. from parallel processes) to --out")
+    ap.add_argument("--sparse-eval", default="", metavar="SELECTION@SPARSITY",
+                    help="diagnostic: also evaluate each new run sparse (e.g. token_sample@0.75); use its own --out")
     args = ap.parse_args(argv)
+    sparse_eval = None
+    if args.sparse_eval:
+        sel, _, sp = args.sparse_eval.partition("@")
+        try:
+            sparse_eval = (sel, float(sp))
+        except ValueError:
+            ap.error(f"--sparse-eval takes SELECTION@SPARSITY (e.g. token_sample@0.75), got {args.sparse_eval!r}")
+        if sel not in accuracy.SELECTIONS or not 0 < sparse_eval[1] < 1:
+            ap.error(f"--sparse-eval: selection one of {', '.join(accuracy.SELECTIONS)}, sparsity in (0, 1); "
+                     f"got {args.sparse_eval!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = accuracy.StudyConfig()
@@ -58,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.summary_only:
         done = accuracy.load_results(out, cfg)
     else:
-        done = accuracy.run_study(out, cfg, runs, max_runs=args.max_runs)
+        done = accuracy.run_study(out, cfg, runs, max_runs=args.max_runs, sparse_eval=sparse_eval)
     saved = json.loads(out.read_text(encoding="utf-8")) if out.exists() else {}
     meta = saved.get("meta", {})
     rows = accuracy.summarize(done)

@@ -282,9 +282,30 @@ def evaluate_accuracy(model: Any, enc: dict[str, torch.Tensor], batch: int) -> t
     return correct / n, loss_sum / n
 
 
+def evaluate_sparse(model: Any, enc: dict[str, torch.Tensor], cfg: StudyConfig, selection: str, sparsity: float,
+                    seed: int) -> dict[str, Any]:
+    """Accuracy of `model` evaluated *sparse*: every MLP at `sparsity`, channels chosen by `selection`.
+
+    Why (a diagnostic, not the protocol): the study trains sparse and evaluates dense, as the
+    method is used. Evaluating the same weights sparse separates "learned less" (sparse eval as low
+    as dense eval) from "learned for the sparse function" (sparse eval higher), and evaluating a
+    dense-trained model sparse shows what the sparsity costs at inference alone.
+    """
+    if selection == "recipe":  # its warm-up and dense layers are training-time rules
+        raise AccuracyError("sparse evaluation takes a plain selection (token_sample, svd, random, oracle), "
+                            "not 'recipe'.")
+    torch._dynamo.reset()
+    policy = _policy(RunSpec(selection, sparsity, seed), cfg.steps)
+    compiled = torch.compile(model, backend="sparselora",
+                             options={"policy": policy, "inner": cfg.inner, "progress": False, "sparse_eval": True})
+    acc, loss = evaluate_accuracy(compiled, enc, cfg.eval_batch)
+    return {"selection": selection, "sparsity": sparsity, "accuracy": acc, "eval_loss": loss}
+
+
 def train_run(spec: RunSpec, cfg: StudyConfig, train: dict[str, torch.Tensor], evals: dict[str, torch.Tensor],
-              model_path: Path) -> dict[str, Any]:
-    """Fine-tune once (compiled; sparse through the backend unless dense) and evaluate dense."""
+              model_path: Path, sparse_eval: tuple[str, float] | None = None) -> dict[str, Any]:
+    """Fine-tune once (compiled; sparse through the backend unless dense) and evaluate dense
+    (and, with `sparse_eval` = (selection, sparsity), sparse too: `evaluate_sparse`)."""
     from .runtime.estimators import reset_random_estimators
 
     torch._dynamo.reset()
@@ -313,10 +334,13 @@ def train_run(spec: RunSpec, cfg: StudyConfig, train: dict[str, torch.Tensor], e
         losses.append(float(loss.detach()))
     train_s = time.perf_counter() - start
     acc, eval_loss = evaluate_accuracy(model, evals, cfg.eval_batch)
-    return {"key": spec.key, "selection": spec.selection, "sparsity": spec.sparsity, "seed": spec.seed,
-            "accuracy": acc, "eval_loss": eval_loss, "eval_items": int(evals["labels"].shape[0]),
-            "final_train_loss": statistics.mean(losses[-25:]), "train_s": round(train_s, 1),
-            "loss_curve": [round(statistics.mean(losses[i:i + 25]), 4) for i in range(0, len(losses), 25)]}
+    result = {"key": spec.key, "selection": spec.selection, "sparsity": spec.sparsity, "seed": spec.seed,
+              "accuracy": acc, "eval_loss": eval_loss, "eval_items": int(evals["labels"].shape[0]),
+              "final_train_loss": statistics.mean(losses[-25:]), "train_s": round(train_s, 1),
+              "loss_curve": [round(statistics.mean(losses[i:i + 25]), 4) for i in range(0, len(losses), 25)]}
+    if sparse_eval is not None:
+        result["sparse_eval"] = evaluate_sparse(model, evals, cfg, *sparse_eval, seed=spec.seed)
+    return result
 
 
 def _progress(steps: range, label: str) -> Any:
@@ -399,8 +423,13 @@ def merge_results(out: str | Path, cfg: StudyConfig, others: Sequence[str | Path
 
 def run_study(out: str | Path, cfg: StudyConfig = StudyConfig(), runs: Sequence[RunSpec] | None = None,
               model_path: str | Path | None = None, max_runs: int | None = None,
-              log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
-    """Run every spec not yet in `out` (JSON), saving after each; returns all finished runs."""
+              log: Callable[[str], None] = print, sparse_eval: tuple[str, float] | None = None
+              ) -> dict[str, dict[str, Any]]:
+    """Run every spec not yet in `out` (JSON), saving after each; returns all finished runs.
+
+    `sparse_eval` = (selection, sparsity) also evaluates each new run sparse (`evaluate_sparse`);
+    keep such runs in a file of their own, since they are a diagnostic beside the protocol.
+    """
     from .fidelity import minilm_path
 
     import transformers as tf
@@ -420,10 +449,11 @@ def run_study(out: str | Path, cfg: StudyConfig = StudyConfig(), runs: Sequence[
             "train_objects": len({p.obj for p in train_pairs}), "eval_objects": len({p.obj for p in eval_pairs})}
     for i, spec in enumerate(todo):
         log(f"[{i + 1}/{len(todo)}] {spec.key} ...")
-        res = train_run(spec, cfg, train, evals, folder)
+        res = train_run(spec, cfg, train, evals, folder, sparse_eval=sparse_eval)
         done[spec.key] = res
         _save(out, cfg, done, meta, data)
-        log(f"    accuracy {res['accuracy']:.4f}, eval loss {res['eval_loss']:.4f}, train {res['train_s']} s")
+        log(f"    accuracy {res['accuracy']:.4f}, eval loss {res['eval_loss']:.4f}, train {res['train_s']} s"
+            + (f", sparse eval {res['sparse_eval']['accuracy']:.4f}" if "sparse_eval" in res else ""))
     return done
 
 
@@ -456,6 +486,11 @@ def summarize(runs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append({"selection": sel, "sparsity": s, "seeds": [r["seed"] for r in rs], "mean": mean,
                      "ci_seeds": (mean - half, mean + half), "ci_items": (centre - wil, centre + wil),
                      "accuracies": accs, "eval_loss": statistics.mean(r["eval_loss"] for r in rs)})
+        sparse = [r["sparse_eval"] for r in rs if "sparse_eval" in r]
+        if sparse:  # the diagnostic: the same weights evaluated sparse
+            rows[-1]["sparse_eval"] = {"accuracies": [e["accuracy"] for e in sparse],
+                                       "mean": statistics.mean(e["accuracy"] for e in sparse),
+                                       "how": sorted({f"{e['selection']}@{e['sparsity']}" for e in sparse})}
     return rows
 
 
@@ -464,6 +499,7 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
     from tabulate import tabulate
 
     dense = next((r["mean"] for r in rows if r["selection"] == "dense"), None)
+    with_sparse = any("sparse_eval" in r for r in rows)
     table = []
     for r in rows:
         gap = "" if dense is None or r["selection"] == "dense" else f"{100 * (r['mean'] - dense):+.1f}"
@@ -471,6 +507,10 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
                       f"{100 * r['mean']:.1f}", f"{100 * r['ci_seeds'][0]:.1f} - {100 * r['ci_seeds'][1]:.1f}",
                       f"{100 * r['ci_items'][0]:.1f} - {100 * r['ci_items'][1]:.1f}", gap,
                       " / ".join(f"{100 * a:.1f}" for a in r["accuracies"]), f"{r['eval_loss']:.3f}"])
-    return tabulate(table, headers=["selection", "MLP sparsity", "seeds", "accuracy %", "95% CI (seeds)",
-                                    "95% CI (items)", "vs dense (points)", "per seed", "eval loss"],
-                    tablefmt="github") + "\n"
+        if with_sparse:
+            e = r.get("sparse_eval")
+            table[-1].append("" if e is None else f"{100 * e['mean']:.1f} ({' / '.join(f'{100 * a:.1f}' for a in e['accuracies'])}; "
+                                                  f"{', '.join(e['how'])})")
+    headers = ["selection", "MLP sparsity", "seeds", "accuracy %", "95% CI (seeds)", "95% CI (items)",
+               "vs dense (points)", "per seed", "eval loss"] + (["evaluated sparse %"] if with_sparse else [])
+    return tabulate(table, headers=headers, tablefmt="github") + "\n"

@@ -54,7 +54,7 @@ def test_stdlib_corpus_has_enough_eval_items() -> None:
 def test_study_is_resumable_and_saves_after_each_run(tmp_path, monkeypatch) -> None:
     calls, interrupted = [], []
 
-    def fake_train(spec, cfg, train, evals, path):
+    def fake_train(spec, cfg, train, evals, path, sparse_eval=None):
         calls.append(spec.key)
         if len(calls) == 3 and not interrupted:
             interrupted.append(True)
@@ -166,3 +166,51 @@ def test_summary_lists_seeds_in_order_whatever_the_file_order() -> None:
                                 "eval_loss": 0.7, "eval_items": 100} for s, a in ((2, 0.52), (0, 0.50), (1, 0.51))}
     (row,) = A.summarize(runs)
     assert row["seeds"] == [0, 1, 2] and row["accuracies"] == [0.50, 0.51, 0.52]
+
+
+def _tiny_classifier() -> A.MeanPoolClassifier:
+    import peft
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=128, max_position_embeddings=32)
+    encoder = tf.BertModel(config, add_pooling_layer=False)
+    encoder = peft.get_peft_model(encoder, peft.LoraConfig(r=2, target_modules="all-linear"))
+    return A.MeanPoolClassifier(encoder, 2)
+
+
+def test_sparse_evaluation_runs_every_mlp_sparse_and_leaves_the_model_as_it_was() -> None:
+    import torch
+
+    from sparselora_fx.backend import LAST_REPORTS
+
+    model = _tiny_classifier()
+    g = torch.Generator().manual_seed(1)
+    enc = {"input_ids": torch.randint(0, 64, (12, 10), generator=g), "attention_mask": torch.ones(12, 10, dtype=torch.long),
+           "labels": torch.randint(0, 2, (12,), generator=g)}
+    enc["attention_mask"][:, 7:] = 0  # padding: excluded from the oracle's ranking
+    cfg = A.StudyConfig(eval_batch=6)
+    dense_acc, dense_loss = A.evaluate_accuracy(model, enc, cfg.eval_batch)
+    n = len(LAST_REPORTS)
+    res = A.evaluate_sparse(model, enc, cfg, "oracle", 0.75, seed=0)
+    groups = [g for r in LAST_REPORTS[n:] for g in r.groups if g.kind == "mlp"]
+    assert {g.sparsity for g in groups} == {0.75} and len({g.name for g in groups}) == 2
+    assert res["selection"] == "oracle" and res["sparsity"] == 0.75
+    assert res["eval_loss"] != pytest.approx(dense_loss, abs=1e-6)  # a quarter of each MLP: another function
+    assert model.training  # evaluate_accuracy restores train mode
+    assert A.evaluate_accuracy(model, enc, cfg.eval_batch) == (dense_acc, dense_loss)  # weights untouched
+    with pytest.raises(A.AccuracyError, match="plain selection"):
+        A.evaluate_sparse(model, enc, cfg, "recipe", 0.75, seed=0)
+
+
+def test_summary_shows_the_sparse_evaluation_when_runs_have_it() -> None:
+    runs = {f"token_sample@0.75#{s}": {"selection": "token_sample", "sparsity": 0.75, "seed": s, "accuracy": a,
+                                        "eval_loss": 0.6, "eval_items": 100,
+                                        "sparse_eval": {"selection": "token_sample", "sparsity": 0.75,
+                                                        "accuracy": a + 0.1, "eval_loss": 0.5}}
+            for s, a in enumerate((0.6, 0.62))}
+    (row,) = A.summarize(runs)
+    assert row["sparse_eval"]["mean"] == pytest.approx(0.71)
+    assert "evaluated sparse %" in A.to_markdown([row]) and "71.0 (70.0 / 72.0; token_sample@0.75)" in A.to_markdown([row])
