@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
           "ranking an ideal estimator gives, at dense cost: the gap between oracle and dense is what the "
           "sparsity itself costs), recipe = the default estimator with the paper's layer and step "
           f"sensitivity (first and last layer dense, the first {accuracy.RECIPE_WARMUP:.0%} of the steps "
-          "dense), token_sample_128 = exact activations of a fixed 128 tokens.", "",
+          f"dense), token_sample_128 = exact activations of a fixed 128 tokens, dense_tail = the default "
+          f"estimator with the last {accuracy.DENSE_TAIL:.0%} of the steps dense.", "",
           accuracy.to_markdown(rows),
           "95% CI (seeds): Student t over the seeds' accuracies; 95% CI (items): Wilson interval of the "
           f"pooled eval items. Python {meta.get('python', '?')}, torch {meta.get('torch', '?')}; data "

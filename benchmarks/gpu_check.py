@@ -31,7 +31,7 @@ instead of losing the run:
 Writes gpu_check.json and gpu_check.md under --out (default: $OUT, else benchmarks/results/),
 rewritten after every phase. Prints a markdown table last.
 
-    PYTHONUNBUFFERED=1 python benchmarks/gpu_check.py --out $OUT      # the device, ~4-5 min
+    PYTHONUNBUFFERED=1 python benchmarks/gpu_check.py --out $OUT      # the device, ~3-5 min
     python benchmarks/gpu_check.py --smoke --out /tmp/gc               # CPU, tiny, < 60 s
 
 --smoke runs the same code on CPU at tiny sizes: the kernels under the Triton interpreter

@@ -147,7 +147,10 @@ class RunSpec:
     of every token: the best any estimator can do, at dense cost; it separates what the estimator
     loses from what the sparsity itself costs), or "recipe" (the default estimator with the
     paper's layer and step sensitivity: first and last layer dense, the first 10% of the steps
-    dense). "token_sample_128" (a fixed 128-token sample) runs on request."""
+    dense). "token_sample_128" (a fixed 128-token sample) and "dense_tail" (the default
+    estimator, the last 10% of the steps dense: sparse training fits the sparse function, and a
+    short dense phase at the end re-fits the adapters to the dense one that is evaluated) run on
+    request."""
 
     selection: str
     sparsity: float | None
@@ -181,9 +184,11 @@ class StudyConfig:
 
 SELECTIONS = ("token_sample", "svd", "random", "oracle")
 #: Selections outside the default grid, run on request (--only).
-EXTRA_SELECTIONS = ("recipe", "token_sample_128")
+EXTRA_SELECTIONS = ("recipe", "token_sample_128", "dense_tail")
 #: The "recipe" selection's dense warm-up, as a fraction of the run's steps (the paper: up to 10%).
 RECIPE_WARMUP = 0.1
+#: The "dense_tail" selection's dense final phase, as a fraction of the run's steps.
+DENSE_TAIL = 0.1
 SPARSITIES = (0.5, 0.75, 0.9)
 
 
@@ -201,6 +206,7 @@ def _policy(spec: RunSpec, steps: int) -> Any:
     from .policy import DEFAULT_ESTIMATORS, EstimatorSpec, Policy, Rule
 
     est = {"token_sample": DEFAULT_ESTIMATORS["mlp"], "recipe": DEFAULT_ESTIMATORS["mlp"],
+           "dense_tail": DEFAULT_ESTIMATORS["mlp"],
            "svd": EstimatorSpec("svd", rank=8), "random": EstimatorSpec("random", seed=spec.seed),
            "oracle": EstimatorSpec("token_sample", samples=1, fraction=1.0),
            "token_sample_128": EstimatorSpec("token_sample", samples=128)}
@@ -291,9 +297,9 @@ def evaluate_sparse(model: Any, enc: dict[str, torch.Tensor], cfg: StudyConfig, 
     as dense eval) from "learned for the sparse function" (sparse eval higher), and evaluating a
     dense-trained model sparse shows what the sparsity costs at inference alone.
     """
-    if selection == "recipe":  # its warm-up and dense layers are training-time rules
-        raise AccuracyError("sparse evaluation takes a plain selection (token_sample, svd, random, oracle), "
-                            "not 'recipe'.")
+    if selection not in SELECTIONS:  # recipe / dense_tail: their dense phases are training-time rules
+        raise AccuracyError(f"sparse evaluation takes a plain selection ({', '.join(SELECTIONS)}), "
+                            f"not {selection!r}.")
     torch._dynamo.reset()
     policy = _policy(RunSpec(selection, sparsity, seed), cfg.steps)
     compiled = torch.compile(model, backend="sparselora",
@@ -323,9 +329,13 @@ def train_run(spec: RunSpec, cfg: StudyConfig, train: dict[str, torch.Tensor], e
             options["schedule"] = StepSchedule.from_policy(policy, total_steps=cfg.steps)
             options["schedule"].attach(opt)
         compiled = torch.compile(model, backend="sparselora", options=options)
+    # dense_tail: the last DENSE_TAIL of the steps through a plain compile of the same model.
+    sparse_steps = cfg.steps - math.ceil(DENSE_TAIL * cfg.steps) if spec.selection == "dense_tail" else cfg.steps
     order = torch.randperm(train["labels"].shape[0], generator=torch.Generator().manual_seed(spec.seed))
     losses, start = [], time.perf_counter()
     for step in _progress(range(cfg.steps), spec.key):
+        if step == sparse_steps:
+            compiled = torch.compile(model, backend=cfg.inner)
         idx = order[(torch.arange(cfg.batch) + step * cfg.batch) % order.shape[0]]
         loss = compiled(**{k: v[idx] for k, v in train.items()}).loss
         loss.backward()

@@ -214,3 +214,29 @@ def test_summary_shows_the_sparse_evaluation_when_runs_have_it() -> None:
     (row,) = A.summarize(runs)
     assert row["sparse_eval"]["mean"] == pytest.approx(0.71)
     assert "evaluated sparse %" in A.to_markdown([row]) and "71.0 (70.0 / 72.0; token_sample@0.75)" in A.to_markdown([row])
+
+
+def test_dense_tail_trains_sparse_then_dense_and_evaluates_both_ways(monkeypatch) -> None:
+    """train_run end to end on a tiny encoder: the backend compiles the sparse phase, a plain compile
+    runs the last DENSE_TAIL of the steps, and the sparse evaluation is recorded beside the dense one."""
+    import torch
+
+    monkeypatch.setattr(A, "_build", lambda path, cfg, seed: _tiny_classifier())
+    backends: list[str] = []
+    real_compile = torch.compile
+
+    def recording_compile(model, backend="inductor", **kw):
+        backends.append(backend)
+        return real_compile(model, backend=backend, **kw)
+
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    g = torch.Generator().manual_seed(2)
+    enc = {"input_ids": torch.randint(0, 64, (16, 10), generator=g),
+           "attention_mask": torch.ones(16, 10, dtype=torch.long), "labels": torch.randint(0, 2, (16,), generator=g)}
+    cfg = A.StudyConfig(steps=10, batch=4, eval_batch=8)
+    res = A.train_run(A.RunSpec("dense_tail", 0.75, 0), cfg, enc, enc, None, sparse_eval=("oracle", 0.75))
+    # sparse training, the dense tail (one step: ceil(0.1 * 10)), then the sparse evaluation's compile
+    assert backends == ["sparselora", "aot_eager", "sparselora"]
+    assert len(res["loss_curve"]) == 1 and res["eval_items"] == 16
+    assert res["sparse_eval"]["selection"] == "oracle" and 0 <= res["sparse_eval"]["accuracy"] <= 1
+    assert A._policy(A.RunSpec("dense_tail", 0.75, 0), 10).estimator_for("mlp").kind == "token_sample"
