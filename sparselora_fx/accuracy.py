@@ -329,6 +329,9 @@ def train_run(spec: RunSpec, cfg: StudyConfig, train: dict[str, torch.Tensor], e
             options["schedule"] = StepSchedule.from_policy(policy, total_steps=cfg.steps)
             options["schedule"].attach(opt)
         compiled = torch.compile(model, backend="sparselora", options=options)
+    # Dropout (BERT's 0.1, on in train mode) draws from the global generator: seed it per run, or
+    # two runs of one spec differ (runs saved before this line was added drew unseeded masks).
+    torch.manual_seed(spec.seed)
     # dense_tail: the last DENSE_TAIL of the steps through a plain compile of the same model.
     sparse_steps = cfg.steps - math.ceil(DENSE_TAIL * cfg.steps) if spec.selection == "dense_tail" else cfg.steps
     order = torch.randperm(train["labels"].shape[0], generator=torch.Generator().manual_seed(spec.seed))
@@ -347,7 +350,8 @@ def train_run(spec: RunSpec, cfg: StudyConfig, train: dict[str, torch.Tensor], e
     result = {"key": spec.key, "selection": spec.selection, "sparsity": spec.sparsity, "seed": spec.seed,
               "accuracy": acc, "eval_loss": eval_loss, "eval_items": int(evals["labels"].shape[0]),
               "final_train_loss": statistics.mean(losses[-25:]), "train_s": round(train_s, 1),
-              "loss_curve": [round(statistics.mean(losses[i:i + 25]), 4) for i in range(0, len(losses), 25)]}
+              "loss_curve": [round(statistics.mean(losses[i:i + 25]), 4) for i in range(0, len(losses), 25)],
+              "dropout_seeded": True}
     if sparse_eval is not None:
         result["sparse_eval"] = evaluate_sparse(model, evals, cfg, *sparse_eval, seed=spec.seed)
     return result

@@ -240,3 +240,28 @@ def test_dense_tail_trains_sparse_then_dense_and_evaluates_both_ways(monkeypatch
     assert len(res["loss_curve"]) == 1 and res["eval_items"] == 16
     assert res["sparse_eval"]["selection"] == "oracle" and 0 <= res["sparse_eval"]["accuracy"] <= 1
     assert A._policy(A.RunSpec("dense_tail", 0.75, 0), 10).estimator_for("mlp").kind == "token_sample"
+
+
+def test_a_run_is_reproducible_dropout_included(monkeypatch) -> None:
+    """Two runs of one spec give the same losses: BERT's dropout draws from the seeded global generator."""
+    import torch
+
+    def build(path, cfg, seed):
+        with torch.random.fork_rng(devices=[]):  # as _build: the init leaves the global generator alone
+            model = _tiny_classifier()
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.5  # strong dropout: unseeded masks would change every loss
+        return model
+
+    monkeypatch.setattr(A, "_build", build)
+    g = torch.Generator().manual_seed(3)
+    enc = {"input_ids": torch.randint(0, 64, (16, 10), generator=g),
+           "attention_mask": torch.ones(16, 10, dtype=torch.long), "labels": torch.randint(0, 2, (16,), generator=g)}
+    cfg = A.StudyConfig(steps=3, batch=4, eval_batch=8)
+    first = A.train_run(A.RunSpec("dense", None, 1), cfg, enc, enc, None)
+    torch.rand(7)  # move the global generator, as other work in the process would
+    second = A.train_run(A.RunSpec("dense", None, 1), cfg, enc, enc, None)
+    assert first["final_train_loss"] == second["final_train_loss"] and first["dropout_seeded"]
+    other = A.train_run(A.RunSpec("dense", None, 2), cfg, enc, enc, None)
+    assert other["final_train_loss"] != first["final_train_loss"]
