@@ -304,8 +304,9 @@ def phase_kernels(args: argparse.Namespace, dev: torch.device, res: dict[str, An
     records: list[dict[str, Any]] = res.setdefault("kernels", [])
     g = torch.Generator(device=dev).manual_seed(args.seed + 1)
     # One tile per kernel variant here (no autotuning): ~40 variants x 6 candidate tiles would be
-    # compiled otherwise, minutes of a 5-minute run. The ops and train phases autotune over the
-    # Hopper tiles in bf16 and check those outputs against float64 too.
+    # compiled otherwise, minutes of a 5-minute run. The ops phase autotunes over the Hopper tiles
+    # in bf16 at LLaMA sizes and checks the winning tile's output against float64; the other tiles
+    # are checked only where they win (a gap: an autotuned case at awkward sizes would close it).
     old_autotune = os.environ.get(gg.AUTOTUNE_ENV)
     os.environ[gg.AUTOTUNE_ENV] = "0"
     try:
@@ -319,7 +320,7 @@ def phase_kernels(args: argparse.Namespace, dev: torch.device, res: dict[str, An
 
 def _kernel_checks(args: argparse.Namespace, dev: torch.device, records: list[dict[str, Any]], budget: Budget,
                    deadline: float, g: torch.Generator, gg: Any) -> str:
-    # Awkward: no dimension a multiple of any tile; M=37 takes 64-row tiles, M=257 every Hopper tile.
+    # Awkward: no dimension a multiple of any tile (M=37, and M=257 in bf16: masks on every edge).
     sizes = [(37, 70, 53, 19), (257, 200, 517, 131)] if not args.smoke else [(37, 70, 53, 19)]
     plan = [(name, size) for name in ("bf16", "fp16", "fp32") for size in sizes[:1]]
     plan += [("bf16", size) for size in sizes[1:]]
@@ -736,13 +737,25 @@ def phase_train(args: argparse.Namespace, cfg: dict[str, Any], dev: torch.device
                             f"GEMMs assume {exp}: the time-based ideal is off by that much")
     sparse_ok = all("error" not in out_sides.get(s.name, {"error": "not compiled"}) for s in (sparse_torch, sparse_kern))
     ok = [s for s in sides if "error" not in out_sides.get(s.name, {"error": "not compiled"})]
+
+    def failed(side: Side, when: str, err: Exception) -> None:
+        # A side that breaks after compiling (a CUDA-graph capture runs on a later step) is
+        # dropped with its error; the other sides' timings stand.
+        out_sides[side.name]["error"] = f"{when}: {type(err).__name__}: {err}"[:600]
+        res["notes"].append(f"train: {side.name} dropped at {when}: {traceback.format_exc()[-1200:]}")
+        if side in ok:
+            ok.remove(side)
+
     # Which path each sparse side runs: the kernel in the code Inductor generated (or loaded from
     # its cache) for it, or calls into the kernel wrappers from the extern ops (counted over one step).
     if sparse_ok:
         check: dict[str, Any] = {}
         for side in (sparse_torch, sparse_kern):
             with count_kernel_calls() as counts:
-                side.step()
+                try:
+                    side.step()
+                except Exception as e:
+                    failed(side, "path check", e)
             path = compiled_side_path(side.codes, sum(counts.values()), expect_code=not args.smoke)
             check[side.name] = {**counts, "lowered_ops": side.lowered, "inductor_modules": len(side.codes),
                                 "path": path}
@@ -752,15 +765,14 @@ def phase_train(args: argparse.Namespace, cfg: dict[str, Any], dev: torch.device
         expect_kernels = dev.type == "cuda"
         check["kernels_expected"] = expect_kernels
         check["expected_kernel_path"] = _compiled_path(dev)
+        kernel_paths = ("triton_op", "extern") if expect_kernels else ("torch",)
         check["passed"] = (check["sparselora_torch"]["path"] == "torch"
-                           and (check["sparselora_kernels"]["path"] != "torch") == expect_kernels)
+                           and check["sparselora_kernels"]["path"] in kernel_paths)
         train["env_switch_check"] = check
-    def failed(side: Side, when: str, err: Exception) -> None:
-        # A side that breaks after compiling (a CUDA-graph capture runs on a later step) is
-        # dropped with its error; the other sides' timings stand.
-        out_sides[side.name]["error"] = f"{when}: {type(err).__name__}: {err}"[:600]
-        res["notes"].append(f"train: {side.name} dropped at {when}: {traceback.format_exc()[-1200:]}")
-        ok.remove(side)
+    if extra:  # Inductor skips CUDA graphs silently (a CPU op, a mutation): count the skips
+        from torch._dynamo.utils import counters
+
+        train["cudagraph_skips"] = int(counters["inductor"].get("cudagraph_skips", 0))
 
     for _ in range(args.warmup):
         for side in list(ok):
@@ -782,7 +794,7 @@ def phase_train(args: argparse.Namespace, cfg: dict[str, Any], dev: torch.device
         ts = side.times
         rec = out_sides.setdefault(side.name, {})
         rec.update(step_s=statistics.median(ts) if ts else float("nan"), min_s=min(ts, default=float("nan")),
-                   max_s=max(ts, default=float("nan")), n=len(ts), times_s=ts, losses=side.losses)
+                   max_s=max(ts, default=float("nan")), n=len(ts), times_s=list(ts), losses=list(side.losses))
     profiles: dict[str, Any] = train.setdefault("profile", {})
     for side in ok:  # one profiled step per side: where the time goes (device busy vs wall)
         try:
@@ -790,13 +802,17 @@ def phase_train(args: argparse.Namespace, cfg: dict[str, Any], dev: torch.device
         except Exception as e:  # a profiler problem must not cost the ideals below
             res["notes"].append(f"train: profiling {side.name} failed: {type(e).__name__}: {e}"[:400])
     save()
-    for side in ok:
-        if dev.type == "cuda":
+    for side in list(ok):  # peak memory of one step above what is held between steps (a CUDA-graph
+        if dev.type == "cuda":  # side's pool is held between steps, so it is not in this number)
             with triton_disabled(side.disable):
                 torch.cuda.synchronize(dev)
                 base = torch.cuda.memory_allocated(dev)
                 torch.cuda.reset_peak_memory_stats(dev)
-            side.step()
+            try:
+                side.step()
+            except Exception as e:
+                failed(side, "peak-memory step", e)
+                continue
             out_sides[side.name]["peak_step_mem_gib"] = (torch.cuda.max_memory_allocated(dev) - base) / 2**30
     # Ideals.
     fl = flops_ideal(cfg, model_d.config)
@@ -815,12 +831,15 @@ def phase_train(args: argparse.Namespace, cfg: dict[str, Any], dev: torch.device
             rec["baseline"] = base
             rec["speedup"] = d / s
             rec["efficiency_flops"] = rec["speedup"] / fl["ideal"]
-            if t_ideal.get("ideal"):
+            if t_ideal.get("ideal") and base == "dense":  # the time ideal is the plain dense step's
                 rec["efficiency_time"] = rec["speedup"] / t_ideal["ideal"]
             rec["paired_speedups"] = [a / b for a, b in zip(by_name[base].times, by_name[name].times)]
     del model_d, model_s, model_t, dense, sparse_torch, sparse_kern, sides, ok, compiled_s, compiled_t, extra, by_name
+    dropped = [name for name, rec in out_sides.items() if "error" in rec]
     if done < args.steps:
-        return f"budget: {done} of {args.steps} timed rounds ran"
+        return f"budget: {done} of {args.steps} timed rounds ran" + (f"; dropped: {', '.join(dropped)}" if dropped else "")
+    if dropped:
+        return f"dropped after errors: {', '.join(dropped)}"
     return ""
 
 

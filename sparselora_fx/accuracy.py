@@ -300,7 +300,10 @@ def evaluate_sparse(model: Any, enc: dict[str, torch.Tensor], cfg: StudyConfig, 
     if selection not in SELECTIONS:  # recipe / dense_tail: their dense phases are training-time rules
         raise AccuracyError(f"sparse evaluation takes a plain selection ({', '.join(SELECTIONS)}), "
                             f"not {selection!r}.")
+    from .runtime.estimators import reset_random_estimators
+
     torch._dynamo.reset()
+    reset_random_estimators()  # "random" draws the same channels whatever ran before
     policy = _policy(RunSpec(selection, sparsity, seed), cfg.steps)
     compiled = torch.compile(model, backend="sparselora",
                              options={"policy": policy, "inner": cfg.inner, "progress": False, "sparse_eval": True})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 
@@ -223,11 +224,27 @@ def test_dense_tail_trains_sparse_then_dense_and_evaluates_both_ways(monkeypatch
 
     monkeypatch.setattr(A, "_build", lambda path, cfg, seed: _tiny_classifier())
     backends: list[str] = []
+    counted: list[Any] = []
     real_compile = torch.compile
+
+    class Counted:  # the compiled model, counting calls (eval/train pass through)
+        def __init__(self, compiled):
+            self.compiled, self.calls = compiled, 0
+
+        def __call__(self, *a, **k):
+            self.calls += 1
+            return self.compiled(*a, **k)
+
+        def eval(self):
+            self.compiled.eval()
+
+        def train(self, mode=True):
+            self.compiled.train(mode)
 
     def recording_compile(model, backend="inductor", **kw):
         backends.append(backend)
-        return real_compile(model, backend=backend, **kw)
+        counted.append(Counted(real_compile(model, backend=backend, **kw)))
+        return counted[-1]
 
     monkeypatch.setattr(torch, "compile", recording_compile)
     g = torch.Generator().manual_seed(2)
@@ -237,6 +254,7 @@ def test_dense_tail_trains_sparse_then_dense_and_evaluates_both_ways(monkeypatch
     res = A.train_run(A.RunSpec("dense_tail", 0.75, 0), cfg, enc, enc, None, sparse_eval=("oracle", 0.75))
     # sparse training, the dense tail (one step: ceil(0.1 * 10)), then the sparse evaluation's compile
     assert backends == ["sparselora", "aot_eager", "sparselora"]
+    assert [c.calls for c in counted[:2]] == [9, 1]  # 9 sparse training steps, then 1 dense
     assert len(res["loss_curve"]) == 1 and res["eval_items"] == 16
     assert res["sparse_eval"]["selection"] == "oracle" and 0 <= res["sparse_eval"]["accuracy"] <= 1
     assert A._policy(A.RunSpec("dense_tail", 0.75, 0), 10).estimator_for("mlp").kind == "token_sample"
