@@ -92,6 +92,14 @@ def main(argv: list[str] | None = None) -> int:
           "95% CI (seeds): Student t over the seeds' accuracies; 95% CI (items): Wilson interval of the "
           f"pooled eval items. Python {meta.get('python', '?')}, torch {meta.get('torch', '?')}; data "
           f"fingerprint {saved.get('data', '?')} (sparselora_fx.accuracy.data_fingerprint)."]
+    if any("sparse_eval" in r for r in done.values()):
+        md.append("\nEvaluated sparse %: the same trained weights evaluated again with every MLP sparse "
+                  "(the selection named; `--sparse-eval`), a diagnostic beside the protocol's dense evaluation.")
+    unseeded = sum(not r.get("dropout_seeded") for r in done.values())
+    if unseeded:
+        md.append(f"\n{unseeded} of {len(done)} runs drew their dropout masks from an unseeded generator (run "
+                  "before the harness seeded it per run): each is one valid sample, but a re-run of the same "
+                  "seed differs (dense#0: 65.0 in the study, 60.3 re-run).")
     out.with_suffix(".md").write_text("\n".join(md) + "\n", encoding="utf-8")
     print("\n".join(md))
     return 0
