@@ -38,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--summary-only", action="store_true", help="rewrite the markdown from the JSON")
     ap.add_argument("--merge", nargs="+", default=[], metavar="FILE",
                     help="add the finished runs of other result files (e.g. from parallel processes) to --out")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="another run length than the protocol's (a variant study: needs its own --out)")
     ap.add_argument("--sparse-eval", default="", metavar="SELECTION@SPARSITY",
                     help="diagnostic: also evaluate each new run sparse (e.g. token_sample@0.75); use its own --out")
     args = ap.parse_args(argv)
@@ -54,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = accuracy.StudyConfig()
+    if args.steps and args.steps != cfg.steps:
+        if Path(args.out).resolve() == (RESULTS / "accuracy.json").resolve():
+            ap.error(f"--steps {args.steps} is another protocol than the study's ({cfg.steps} steps): give it its "
+                     "own --out (a result file of another protocol is set aside, not mixed)")
+        cfg = accuracy.dataclasses.replace(cfg, steps=args.steps)
     runs = accuracy.study_runs(seeds=[int(s) for s in args.seeds.split(",") if s],
                                selections=accuracy.SELECTIONS + accuracy.EXTRA_SELECTIONS)
     if not args.only:

@@ -283,3 +283,19 @@ def test_a_run_is_reproducible_dropout_included(monkeypatch) -> None:
     assert first["final_train_loss"] == second["final_train_loss"] and first["dropout_seeded"]
     other = A.train_run(A.RunSpec("dense", None, 2), cfg, enc, enc, None)
     assert other["final_train_loss"] != first["final_train_loss"]
+
+
+def test_a_variant_run_length_needs_its_own_result_file(tmp_path, capsys) -> None:
+    """--steps other than the protocol's would set the study's file aside: the CLI refuses the default --out."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "accuracy_cli", Path(__file__).resolve().parent.parent / "benchmarks" / "accuracy.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    with pytest.raises(SystemExit):
+        cli.main(["--steps", "500", "--summary-only"])
+    assert "give it its own --out" in capsys.readouterr().err
+    assert cli.main(["--steps", "500", "--summary-only", "--out", str(tmp_path / "long.json")]) == 0
+    assert '"steps": 500' in (tmp_path / "long.md").read_text()
