@@ -148,9 +148,8 @@ class RunSpec:
     loses from what the sparsity itself costs), or "recipe" (the default estimator with the
     paper's layer and step sensitivity: first and last layer dense, the first 10% of the steps
     dense). "token_sample_128" (a fixed 128-token sample) and "dense_tail" (the default
-    estimator, the last 10% of the steps dense: sparse training fits the sparse function, and a
-    short dense phase at the end re-fits the adapters to the dense one that is evaluated) run on
-    request."""
+    estimator, the last 10% of the steps dense: does a short dense phase at the end recover the
+    dense model that is evaluated? At MLP 0.75 it did not) run on request."""
 
     selection: str
     sparsity: float | None
