@@ -243,3 +243,22 @@ def capture_output_code() -> Iterator[list[str]]:
         yield codes
     finally:
         GraphLowering.save_output_code = old  # type: ignore[assignment]
+
+
+def allow_checkpoint_forward_side_effects() -> bool:
+    """Let Dynamo trace a checkpointed region whose forward mutates outside state; True if set.
+
+    Why: transformers >= 5.2x routes attention helpers through the ``kernels`` package, whose
+    decorator sets and resets a module-level context variable inside every decoder layer's
+    forward. Dynamo refuses such a side effect inside ``torch.utils.checkpoint`` (it would not be
+    replayed in the recompute), drops the whole checkpointed region to eager, and the layers run
+    dense. ``torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint`` (2.11-2.13)
+    accepts it; the recompute then skips the set/reset pair, which leaves nothing different.
+    """
+    config = torch._dynamo.config
+    if not hasattr(config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):  # pragma: no cover - moved
+        log.warning("sparselora: this torch has no Dynamo switch for side effects under checkpointing; "
+                    "checkpointed layers may run eager (dense)")
+        return False
+    config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+    return True

@@ -13,7 +13,7 @@ import torch
 from sparselora_fx.backend import LAST_REPORTS
 from sparselora_fx.errors import OptionsError
 from sparselora_fx.integrations.transformers import (SCHEDULE_FILE, SparseLoRACallback, compile_for_trainer,
-                                                     unsupported_modules)
+                                                     enable_activation_checkpointing, unsupported_modules)
 from sparselora_fx.models import build_tiny_model, tiny_batch
 from sparselora_fx.passes.units import DORA_REASON, detect_unsupported
 from sparselora_fx.runtime.schedule import StepSchedule
@@ -138,7 +138,7 @@ def _checkpointed_run(gc: bool, bodies: dict[str, int] | None = None) -> tuple[t
     torch._dynamo.reset()
     model = build_tiny_model("llama", num_layers=1, dtype=torch.float64, init_lora_b=True)
     if gc:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     settings = Settings.from_options({**OPTS, "sparsity": 0.5})
 
     def backend(gm, example_inputs, **_):  # the sparselora backend, keeping the rewritten graph to look at
@@ -153,9 +153,21 @@ def _checkpointed_run(gc: bool, bodies: dict[str, int] | None = None) -> tuple[t
     return loss.loss.detach(), _lora_grads(model)
 
 
-def test_gradient_checkpointing_rewrites_inside_checkpoint_bodies() -> None:
-    """Non-reentrant checkpointing: units are found AND rewritten in the HOP bodies, and loss and
-    LoRA grads equal the run without checkpointing (float64, sparsity 0.5)."""
+@pytest.fixture
+def dynamo_checkpoint_switch():
+    """Restores the Dynamo switch ``enable_activation_checkpointing`` sets, so other tests see the default."""
+    before = torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint
+    yield
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = before
+
+
+def test_gradient_checkpointing_rewrites_inside_checkpoint_bodies(dynamo_checkpoint_switch) -> None:
+    """Non-reentrant checkpointing (``enable_activation_checkpointing``): each checkpointed decoder
+    layer reaches the backend as one higher-order-op body (``wrap_body_*``), the units are found AND
+    rewritten inside it, and loss and LoRA grads equal the run without checkpointing (float64,
+    sparsity 0.5). On transformers 5.25 a bare ``gradient_checkpointing_enable()`` leaves the layer
+    to eager (a side effect inside the checkpoint), so no body reaches the backend: this test's
+    ``bodies`` assertion is what fails then."""
     model = build_tiny_model("llama", num_layers=1, dtype=torch.float64, init_lora_b=True)
     dense_loss = model(**tiny_batch("llama")).loss.detach()
     bodies: dict[str, int] = {}
@@ -167,6 +179,28 @@ def test_gradient_checkpointing_rewrites_inside_checkpoint_bodies() -> None:
     assert grads.keys() == ref_grads.keys() and len(grads) == 14
     for name in grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_enable_activation_checkpointing_refuses_reentrant() -> None:
+    model = build_tiny_model("llama", num_layers=1)
+    with pytest.raises(OptionsError, match="use_reentrant=True is an autograd.Function"):
+        enable_activation_checkpointing(model, use_reentrant=True)
+
+
+def test_callback_prepares_checkpointing_the_trainer_enabled(dynamo_checkpoint_switch) -> None:
+    """The Trainer turns checkpointing on itself (``args.gradient_checkpointing``) before
+    ``on_train_begin``; the callback then sets the Dynamo switch the checkpointed layers need."""
+    from types import SimpleNamespace
+
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = False
+    model = build_tiny_model("llama", num_layers=1)
+    state = SimpleNamespace(global_step=0, max_steps=4)
+    callback = SparseLoRACallback(StepSchedule(1))
+    callback.on_train_begin(SimpleNamespace(output_dir="unused"), state, None, model=model)
+    assert torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint is False  # not checkpointed
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    callback.on_train_begin(SimpleNamespace(output_dir="unused"), state, None, model=model)
+    assert torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint is True
 
 
 # ---- bf16 base, fp32 LoRA, autocast ----------------------------------------------------------------

@@ -21,7 +21,8 @@ from ..runtime.schedule import StepSchedule
 
 log = logging.getLogger("sparselora_fx")
 
-__all__ = ["SCHEDULE_FILE", "SparseLoRACallback", "compile_for_trainer", "unsupported_modules"]
+__all__ = ["SCHEDULE_FILE", "SparseLoRACallback", "compile_for_trainer", "enable_activation_checkpointing",
+           "unsupported_modules"]
 
 #: The schedule's state, written next to each Trainer checkpoint (``checkpoint-N/``).
 SCHEDULE_FILE = "sparselora_schedule.json"
@@ -55,6 +56,9 @@ class SparseLoRACallback(_CallbackBase):  # type: ignore[misc,valid-type]
     # ---- Trainer events ---------------------------------------------------------------------
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        model = kwargs.get("model")
+        if model is not None and is_activation_checkpointing(model):  # the Trainer enabled it just before
+            prepare_activation_checkpointing()
         saved = self._saved_state(args, state)
         if saved is not None:
             self.schedule.load_state_dict(saved)
@@ -101,6 +105,55 @@ class SparseLoRACallback(_CallbackBase):  # type: ignore[misc,valid-type]
             return None
         with open(path) as fh:
             return json.load(fh)
+
+
+def is_activation_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether a transformers model (or a PEFT wrapper of one) has activation checkpointing on.
+
+    Reads the per-module ``gradient_checkpointing`` flag that every release sets, since the
+    model-level property was renamed in 5.25 (``is_gradient_checkpointing`` now warns).
+    """
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            return True
+    return False
+
+
+def prepare_activation_checkpointing() -> None:
+    """Make checkpointed decoder layers traceable by Dynamo (see ``_compat``'s switch for why)."""
+    from .. import _compat
+
+    if _compat.allow_checkpoint_forward_side_effects():
+        log.info("sparselora: Dynamo set to trace checkpointed layers whose forward sets a context "
+                 "variable (transformers' kernels hooks); without it they would run eager and dense")
+
+
+def enable_activation_checkpointing(model: torch.nn.Module, **checkpoint_kwargs: Any) -> torch.nn.Module:
+    """Turn on non-reentrant activation checkpointing on a transformers model, the way the backend can see it.
+
+    Why: on transformers >= 5.25 a plain ``gradient_checkpointing_enable()`` leaves every
+    checkpointed decoder layer untraceable by Dynamo (a side effect inside the checkpoint, see
+    ``_compat.allow_checkpoint_forward_side_effects``): the layers run eager, dense, with no
+    warning. This calls ``activation_checkpointing_enable`` (or, on older releases,
+    ``gradient_checkpointing_enable``) with ``use_reentrant=False`` unless told otherwise, and sets
+    the Dynamo switch that lets the checkpointed layers be traced and rewritten.
+    """
+    kwargs = {"use_reentrant": False, **checkpoint_kwargs}
+    if kwargs["use_reentrant"]:
+        raise OptionsError("enable_activation_checkpointing: use_reentrant=True is an autograd.Function that "
+                           "Dynamo does not trace into, so every checkpointed layer would run dense; "
+                           "leave use_reentrant at False.")
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise OptionsError(f"enable_activation_checkpointing: {type(model).__name__} is not a transformers model "
+                           "(no activation_checkpointing_enable or gradient_checkpointing_enable); wrap the "
+                           "layers in torch.utils.checkpoint.checkpoint(..., use_reentrant=False) yourself.")
+    prepare_activation_checkpointing()
+    return model
 
 
 def _checkpoint_dir(args: Any, step: int) -> str:
