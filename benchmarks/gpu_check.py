@@ -18,7 +18,7 @@ instead of losing the run:
    sparselora with index_select + cuBLAS (SPARSELORA_DISABLE_TRITON=1, set around every step of
    that side, its compile included), sparselora with our kernels. Steps are interleaved, median of
    >= 10 after warm-up. The path is fixed when a graph compiles (on CUDA the kernels go into
-   Inductor's code, runtime/lowering.py), so each sparse side compiles its own model; the switches
+   Inductor's code, passes/lower.py), so each sparse side compiles its own model; the switches
    are part of the compile-cache key, so a cached compile made under other switches is not reused.
    Each side records which path ran, read from the code Inductor generated or loaded from its cache
    for it and from the kernel-wrapper calls of one step: `triton_op` (kernel in the compiled code),
@@ -354,7 +354,8 @@ def _kernel_checks(args: argparse.Namespace, dev: torch.device, records: list[di
 
 def _compiled_path(dev: torch.device) -> str:
     """What a compiled graph on `dev` will run for the ops now: triton_op, extern (kernel) or torch."""
-    from sparselora_fx.runtime import kernels, lowering, ops  # noqa: F401 - ops registers the lowering
+    from sparselora_fx.passes import lower as lowering  # noqa: F401 - registers the Triton lowering
+    from sparselora_fx.runtime import kernels, ops  # noqa: F401
 
     if lowering.is_registered() and kernels.lowering_enabled(dev):
         return "triton_op"
@@ -421,7 +422,7 @@ def time_cublas_gemm(m: int, out_f: int, in_f: int, kind: str, dtype: torch.dtyp
 def phase_ops(args: argparse.Namespace, cfg: dict[str, Any], dev: torch.device, res: dict[str, Any],
               budget: Budget, deadline: float) -> str:
     """Per-op time of each kernel at the policy's keep counts vs cuBLAS (pre-gathered, gather+, dense)."""
-    from sparselora_fx.runtime import ops as _ops  # noqa: F401 - registers the triton_ops
+    from sparselora_fx.passes import lower as _lower  # noqa: F401 - registers the triton_ops
     from sparselora_fx.runtime.kernels import gather_gemm as gg
 
     sl = torch.ops.sparselora  # *_triton: the bodies the compiled CUDA graph runs
@@ -602,12 +603,12 @@ class Side:
     def step(self, capture: bool = False) -> float:
         """One timed step; `capture=True` (the compiling step) keeps the code Inductor produces meanwhile."""
         from sparselora_fx import _compat
-        from sparselora_fx.runtime.lowering import LOWERED
+        from sparselora_fx.counters import lowered
 
         with triton_disabled(self.disable), (_compat.capture_output_code() if capture
                                              else contextlib.nullcontext([])) as codes:
             _sync(self.dev)
-            lowered = sum(LOWERED.values())
+            before = sum(lowered().values())
             t0 = time.perf_counter()
             loss = self.compiled(**self.batch).loss
             loss.backward()
@@ -615,7 +616,7 @@ class Side:
             self.opt.zero_grad(set_to_none=True)
             _sync(self.dev)
             dt = time.perf_counter() - t0
-            self.lowered += sum(LOWERED.values()) - lowered
+            self.lowered += sum(lowered().values()) - before
         self.codes.extend(codes)
         self.losses.append(float(loss.detach()))
         return dt
@@ -638,8 +639,8 @@ def own_entry(model: torch.nn.Module, name: str) -> Callable[..., Any]:
 def compiled_side_path(codes: list[str], kernel_calls: int, expect_code: bool = True) -> str:
     """triton_op when Inductor's code for the side holds the gather-GEMM kernel; else extern or torch by the calls.
 
-    Why from the code: the swap counter (runtime.lowering.LOWERED) only counts traces, and a
-    compile served from torch's caches traces nothing. A side that Inductor made no code for
+    Why from the code: the swap counters (`lowered_<op>` in sparselora_fx.counters) only count
+    traces, and a compile served from torch's caches traces nothing. A side that Inductor made no code for
     (`expect_code`) did not compile a graph of its own: "none", and the check fails.
     """
     if expect_code and not codes:
@@ -886,6 +887,10 @@ def time_ideal(cfg: dict[str, Any], dev: torch.device, res: dict[str, Any], dens
     if dense_step_s:
         ideal_step = dense_step_s - out["dense_gemms_s"] + out["kept_gemms_s"]
         out.update(ideal_step_s=ideal_step, ideal=dense_step_s / ideal_step if ideal_step > 0 else None)
+        if ideal_step <= 0:  # the GEMMs alone took longer than the whole step: the machine's load moved
+            out["why_no_ideal"] = (f"the GEMMs that go sparse, timed alone, took {1e3 * out['dense_gemms_s']:.1f} ms, "
+                                   f"more than the whole dense step ({1e3 * dense_step_s:.1f} ms): timing noise "
+                                   "(a loaded machine), so no time-based ideal")
     return out
 
 
@@ -953,7 +958,8 @@ def markdown(res: dict[str, Any]) -> str:
             lines += ["", f"FLOPs-ideal speedup {fl['ideal']:.2f}x (dense {fl['dense_flops'] / 1e9:.4g} GFLOP, sparse "
                           f"{fl['sparse_flops'] / 1e9:.4g} GFLOP per step). Time-based ideal "
                           + (f"{ti['ideal']:.2f}x (dense GEMMs that go sparse {1e3 * ti['dense_gemms_s']:.1f} ms -> "
-                             f"{1e3 * ti['kept_gemms_s']:.1f} ms on pre-gathered weights)" if ti.get("ideal") else "n/a")
+                             f"{1e3 * ti['kept_gemms_s']:.1f} ms on pre-gathered weights)" if ti.get("ideal")
+                             else f"n/a ({ti.get('why_no_ideal', 'no dense step time')})")
                           + f". Paper's efficiency: {PAPER_EFFICIENCY}."]
         for name, pr in tr.get("profile", {}).items():
             lines += ["", f"Profiled step, {name}: device busy {pr['device_busy_ms']:.1f} ms of {pr['wall_ms']:.1f} ms wall "

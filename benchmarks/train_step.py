@@ -151,10 +151,11 @@ class Side:
 def estimator_share(side: Side, steps: int = 3) -> dict[str, float]:
     """Share of a sparse step spent in the sparselora::select_* ops (scores + top-k), median of `steps`.
 
-    CPU: the ops' own wall clock (a hook in runtime/selection.py, no profiler overhead). CUDA: the
-    ops' launches are asynchronous, so the profiler's device time of the ops is used instead.
+    CPU: the ops' own wall clock (`sparselora_fx.counters.record_selections(times=True)`, no
+    profiler overhead). CUDA: the ops' launches are asynchronous, so the profiler's device time of
+    the ops is used instead.
     """
-    from sparselora_fx.runtime import selection
+    from sparselora_fx.counters import record_selections
 
     if torch.device(side.args.device).type == "cuda":
         from torch.profiler import ProfilerActivity, profile
@@ -168,12 +169,9 @@ def estimator_share(side: Side, steps: int = 3) -> dict[str, float]:
     else:
         shares, walls, sels, by_op = [], [], [], []
         for _ in range(steps):
-            selection._WALL_TIMES = []
-            try:
+            with record_selections(picks=False, times=True) as rec:
                 wall = side.step()
-                times = selection._WALL_TIMES
-            finally:
-                selection._WALL_TIMES = None
+            times = rec.times
             ops: dict[str, float] = {}
             for op, sec in times:
                 ops[op] = ops.get(op, 0.0) + sec

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .errors import OptionsError, PolicyError, SparseLoRAError, UnsupportedGraphError
 from .explain import explain
+from .factor_cache import refresh_factors
 from .policy import Policy
 from .report import Report
 
@@ -23,6 +24,7 @@ __all__ = [
     "UnsupportedGraphError",
     "__version__",
     "explain",
+    "refresh_factors",
 ]
 
 

@@ -98,7 +98,7 @@ def trace_artifact(name: str, payload: Callable[[], str]) -> None:
 
 
 # --------------------------------------------------------------------------- compiled Triton path
-# Used by runtime/lowering.py. Checked on torch 2.11 (source) and 2.13 (run): FunctionalTensorMode
+# Used by passes/lower.py. Checked on torch 2.11 (source) and 2.13 (run): FunctionalTensorMode
 # is the mode AOTAutograd traces under (the one torch.library.triton_op registers its decomposition
 # for); `custom_triton_ops_decomposition_disabled` is what torch.export sets to keep triton_ops whole;
 # `triton_ops_to_kernels` is the table AOTAutograd's cache key reads kernel sources from.

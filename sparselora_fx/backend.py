@@ -8,6 +8,7 @@ entry point or earlier registration has it (Dynamo asserts on a duplicate name).
 
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
 from typing import Any, Callable
@@ -18,11 +19,11 @@ from torch.fx import GraphModule
 from . import _compat
 from .dump import Dumper
 from .errors import OptionsError, PolicyError
-from .passes.groups import Skipped
+from .passes.analyse.groups import Skipped
 from .passes import PassContext, run_pipeline
 from .report import Report, build_report
-from .runtime import lowering
-from .runtime.schedule import ScheduledGraph, StepSchedule, copy_graph_module, schedule_for
+from .passes import lower as lowering
+from .runtime.schedule import ScheduledGraph, StepSchedule
 from .settings import Settings
 
 log = logging.getLogger("sparselora_fx")
@@ -37,12 +38,23 @@ _MAX_REPORTS = 64
 def sparselora_backend(gm: GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None,
                        mode: str | None = None, **unused: Any) -> Callable[..., Any]:
     """Dynamo backend: find LoRA units, group, plan, rewrite, then hand over to the inner compiler."""
-    settings = Settings.from_options(options)
-    schedule = schedule_for(settings.policy, settings.schedule)
-    if schedule is not None and (torch.is_grad_enabled() or settings.sparse_eval):
-        return lower_scheduled(gm, example_inputs, settings, mode, schedule)
+    settings = Settings.from_options(options, require_schedule=True)
+    if settings.schedule is not None and runs_sparse(settings):
+        return lower_scheduled(gm, example_inputs, settings, mode, settings.schedule)
     _, gm = analyse_and_rewrite(gm, example_inputs, settings)
     return lower(gm, example_inputs, settings, mode)
+
+
+def runs_sparse(settings: Settings) -> bool:
+    """Whether the graph being compiled now runs sparse: gradients on, or ``options['sparse_eval']``.
+
+    The rule is gradients, not ``model.eval()``: a backend is not shown the module's training
+    flag, and Dynamo retraces on ``model.train()``/``eval()`` only when the forward reads
+    ``self.training`` (a module that never does keeps one graph for both modes), so a
+    training-mode rule could not hold. Grad mode is global state that Dynamo guards on for every
+    graph, so a ``torch.no_grad()`` / ``inference_mode`` call always gets its own, dense, compile.
+    """
+    return torch.is_grad_enabled() or settings.sparse_eval
 
 
 def lower_scheduled(gm: GraphModule, example_inputs: list[Any], settings: Settings, mode: str | None,
@@ -69,16 +81,17 @@ def analyse_and_rewrite(gm: GraphModule, example_inputs: list[Any], settings: Se
     """Run the pipeline on a copy of ``gm``; a graph we cannot handle stays dense with a warning.
 
     The passes work on a copy so that a failure half-way never ships a half-rewritten graph: the
-    original ``gm`` is returned untouched. Bad user input (options, policy) is raised, not hidden.
+    original ``gm`` is returned untouched. Bad user input (options, policy) and the user's
+    environment (an OSError: a full disk, a dump folder removed) are raised as themselves, not hidden.
     """
-    sparse = rewrite and (torch.is_grad_enabled() or settings.sparse_eval)
+    sparse = rewrite and runs_sparse(settings)
     work = copy_graph_module(gm) if sparse else gm
     ctx = PassContext(work, list(example_inputs), settings, sparse_enabled=sparse)
     dumper = Dumper(settings.dump_dir)
     result = work
     try:
         run_pipeline(ctx, on_pass=dumper)
-    except (OptionsError, PolicyError):
+    except (OptionsError, PolicyError, OSError):  # the user's to fix, not an unsupported graph
         raise
     except Exception as err:  # a graph shape we did not foresee: never break the user's run
         warnings.warn(f"sparselora: this graph runs dense: the passes failed with {type(err).__name__}: {err}. "
@@ -119,9 +132,35 @@ def lower(gm: GraphModule, example_inputs: list[Any], settings: Settings, mode: 
         patches = {**_compat.inductor_mode_options(mode), **patches}
     if lowering.holds_ops(gm):
         # The Triton swap happens while AOTAutograd traces; a cache hit skips the trace, so the
-        # switches it reads must be part of the cache key (runtime/lowering.py).
+        # switches it reads must be part of the cache key (passes/lower.py).
         patches = _compat.keyed_inductor_patches(patches, lowering.cache_salt())
     return _compat.compile_fx()(gm, example_inputs, config_patches=patches or None)
+
+
+def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A new GraphModule over a copy of ``gm``'s graph, sharing its parameters and constants.
+
+    Why: the rewrite mutates its graph in place, and a deep copy of the module would duplicate
+    every weight held as an attribute. Node ``meta`` is copied shallowly (by ``Graph``), and the
+    attributes Dynamo hangs on nodes (``_dynamo_source`` on placeholders, which the unit matcher
+    reads) are carried over.
+    """
+    graph = copy.deepcopy(gm.graph)
+    for old, new in zip(gm.graph.nodes, graph.nodes):  # the copy keeps node order and names
+        if (old.op, old.name) != (new.op, new.name):
+            continue
+        for attr, value in vars(old).items():
+            if attr not in vars(new):
+                setattr(new, attr, value)
+    out = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    out.meta = dict(getattr(gm, "meta", {}))
+    # higher-order-op bodies (checkpoint's wrap_body_*) are rewritten too: copy them, never share
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            sub = getattr(out, node.target, None)
+            if isinstance(sub, torch.fx.GraphModule):
+                setattr(out, node.target, copy_graph_module(sub))
+    return out
 
 
 def register() -> None:

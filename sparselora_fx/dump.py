@@ -38,6 +38,18 @@ def atomic_write(path: Path, text: str) -> None:
         raise
 
 
+def prepare_dump_dir(path: Path) -> None:
+    """Create the folder ``path`` and prove it writable (a probe file, removed at once).
+
+    Raises the ``OSError`` that says why not; ``Settings`` turns it into an OptionsError when the
+    options are parsed, so an unusable folder never fails half-way through the passes.
+    """
+    path.mkdir(parents=True, exist_ok=True)
+    fd, probe = tempfile.mkstemp(dir=path, prefix=".sparselora-probe.", suffix=".tmp")
+    os.close(fd)
+    os.unlink(probe)
+
+
 class Dumper:
     """Called by ``run_pipeline`` before and after each pass."""
 
@@ -54,11 +66,24 @@ class Dumper:
         text = None
         if self.dir is not None:
             text = graph_text(ctx.gm)
-            atomic_write(self.dir / f"{name}.txt", text)
+            self._write(f"{name}.txt", text)
         _compat.trace_artifact(name, lambda: text if text is not None else graph_text(ctx.gm))
 
     def write_report(self, report: Any) -> None:
         if self.dir is None:
             return
-        atomic_write(self.dir / f"graph{self.graph_id:03d}_report.json", report.to_json())
-        atomic_write(self.dir / f"graph{self.graph_id:03d}_report.txt", str(report))
+        self._write(f"graph{self.graph_id:03d}_report.json", report.to_json())
+        self._write(f"graph{self.graph_id:03d}_report.txt", str(report))
+
+    def _write(self, name: str, text: str) -> None:
+        """One dump file; a failure (disk full, folder removed) is the user's to see, so it is raised.
+
+        The OSError already names the file; the note only says which setting wrote it.
+        """
+        assert self.dir is not None
+        try:
+            atomic_write(self.dir / name, text)
+        except OSError as err:
+            err.add_note("sparselora: writing a graph dump (options['dump_dir'] or env SPARSELORA_DUMP_DIR); "
+                         "free space there, choose another folder, or drop the setting")
+            raise

@@ -31,7 +31,7 @@ def explain(model: Callable[..., Any], *example_args: Any, options: dict[str, An
     compiled(*example_args, **example_kwargs)
     # policy rules that select none of the model's units (a typo leaves layers dense): say so
     # (a per-layer graph with options["layer"] is checked under the full names its units stand for)
-    layer = getattr(settings, "layer", None)
+    layer = settings.layer
     names = [s for u in report.units for s in settings.policy.layer_spellings(u.fqn, layer)]
     report.notes += settings.policy.for_names(names).check_names(names) if names else []
     report.notes = list(dict.fromkeys(report.notes))

@@ -25,6 +25,8 @@ def source_to_path(source: str) -> str:
 
 
 PEFT_PREFIX = "base_model.model."
+#: The module paths of the PEFT wrapper itself (not a module of the user's model).
+PEFT_ROOTS = frozenset({"base_model", "base_model.model"})
 
 # Wrapper components that never appear in the name a user sees in the transformers model.
 _WRAPPER_PARTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from sparselora_fx import accuracy as A
+from studies import accuracy as A
 
 _OBJECTS = {
     f"mod{m}.obj{o}": [[f"Sentence {m}-{o}-{s} says something about module {m}." for s in range(4)]]
@@ -142,7 +142,7 @@ def test_data_fingerprint_sees_any_change() -> None:
 
 
 def test_stdlib_corpus_does_not_depend_on_what_this_process_imported() -> None:
-    from sparselora_fx import docstring_corpus
+    from studies import docstring_corpus
 
     # In this process (torch, transformers imported) the stdlib packages have grown attributes;
     # the default corpus is collected in a fresh interpreter, so it equals a bare run's.

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from sparselora_fx import backend
+from sparselora_fx.counters import counters, record_selections
 from sparselora_fx.models import TINY_ARCHITECTURES, build_tiny_model, tiny_batch
-from sparselora_fx.runtime import selection
 
 # arch -> (LoRA units matched, gated_mlp, mlp, attn_qk, attn_vo) for 2 layers, LoRA on every linear
 EXPECTED: dict[str, tuple[int, int, int, int, int]] = {
@@ -69,12 +69,10 @@ def test_architecture_groups_and_sparsity_zero_match_dense(arch: str) -> None:
 
     model = build_tiny_model(arch, init_lora_b=True, dtype=torch.float64)
     backend.LAST_REPORTS.clear()
-    selection._DEBUG_RECORD = records = []
-    try:
+    with record_selections() as rec:
         fn = torch.compile(model, backend="sparselora", options={"sparsity": 0.0, "inner": "aot_eager"})
         loss_s, grads_s = _step(fn, model, batch)
-    finally:
-        selection._DEBUG_RECORD = None
+    records = rec.picks
 
     (report,) = backend.LAST_REPORTS
     n_units, gated, mlp, qk, vo = EXPECTED[arch]
@@ -134,13 +132,10 @@ def test_fused_projections_compute_the_selected_rows(arch: str) -> None:
     the fused q/k/v rows (mapped here independently of the rewrite), o's and the MLP's kept inputs."""
     batch = tiny_batch(arch)
     model = build_tiny_model(arch, init_lora_b=True, dtype=torch.float64)
-    selection._DEBUG_RECORD = records = []
-    try:
+    with record_selections() as rec:
         fn = torch.compile(model, backend="sparselora", options={"sparsity": 0.5, "inner": "aot_eager"})
         loss_s, grads_s = _step(fn, model, batch)
-    finally:
-        selection._DEBUG_RECORD = None
-    sets = {op: [out for name, out in records if name == op] for op in ("select_qk", "select_vo", "select_mlp")}
+    sets = {op: rec.of(op) for op in ("select_qk", "select_vo", "select_mlp")}
     assert all(len(v) == 2 for v in sets.values()), {k: len(v) for k, v in sets.items()}
 
     path, qkv_name, o_name, down_name, rows = FUSED[arch]
@@ -209,17 +204,16 @@ def _svd_everywhere_step(arch: str, steps: int, on_step=None):
 def test_svd_factors_of_fused_parts_and_conv1d_are_prepared_at_compile_time(arch: str, monkeypatch) -> None:
     """Every factor the first step uses was built by the prepare pass (Conv1D's ``W.t()``, a fused
     part's rows), so no SVD runs inside a training step."""
-    from sparselora_fx.passes import COUNTERS
-    from sparselora_fx.runtime import factor_cache as fc
+    from sparselora_fx import factor_cache as fc
 
     monkeypatch.setenv("SPARSELORA_DISK_CACHE", "0")
     fc.clear_cache()
-    before = COUNTERS["factors_prepared"]
+    counters.clear()
     _svd_everywhere_step(arch, 1)
-    prepared = COUNTERS["factors_prepared"] - before
+    prepared = counters["sparselora"]["factors_prepared"]
     # q, k, v and the MLP's fc1 (Phi-3: gate and up), each fused part its own weight, x 2 layers
     assert prepared == (10 if arch == "phi3" else 8)
-    assert fc.cache_stats().misses == prepared
+    assert fc.cache_stats().misses == prepared == counters["sparselora"]["factor_cache_misses"]
 
 
 @pytest.mark.parametrize("arch", [
@@ -232,13 +226,13 @@ def test_svd_factors_of_fused_parts_and_conv1d_are_prepared_at_compile_time(arch
 def test_fingerprints_are_not_recomputed_in_later_steps(arch: str, monkeypatch) -> None:
     """The estimator finds its factors through a per-weight memo: from the second step on no weight
     is hashed again (a part weight that is a fresh copy each step would be, per layer per step)."""
-    from sparselora_fx.runtime import factor_cache as fc
+    from sparselora_fx import factor_cache as fc
 
     monkeypatch.setenv("SPARSELORA_DISK_CACHE", "0")
     fc.clear_cache()
-    calls: list[int] = []
-    step = [0]
-    real = fc._compute_fingerprint
-    monkeypatch.setattr(fc, "_compute_fingerprint", lambda t: calls.append(step[0]) or real(t))
-    _svd_everywhere_step(arch, 3, on_step=lambda i: step.__setitem__(0, i))
-    assert calls and all(i == 0 for i in calls), calls
+    counters.clear()
+    hashed: list[int] = []  # fingerprints computed before each step (the last entry: all three)
+    count = counters["sparselora"]
+    _svd_everywhere_step(arch, 3, on_step=lambda i: hashed.append(count["fingerprints_computed"]))
+    hashed.append(count["fingerprints_computed"])
+    assert hashed[1] > 0 and hashed[1] == hashed[2] == hashed[3], hashed  # none after the first step

@@ -14,7 +14,7 @@ import torch
 import sparselora_fx
 from sparselora_fx.errors import OptionsError, PolicyError
 from sparselora_fx.models import build_tiny_model, tiny_batch
-from sparselora_fx.settings import INNER_COMPILERS, OPTION_DOCS, Settings
+from sparselora_fx.settings import INNER_COMPILERS, Settings, option_docs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,7 +85,7 @@ def test_unknown_option_key_lists_choices() -> None:
         Settings.from_options({"sparsty": 0.5})
     msg = str(err.value)
     assert "'sparsty'" in msg and "Did you mean 'sparsity'" in msg
-    for key in OPTION_DOCS:
+    for key in option_docs():
         assert key in msg
 
 
@@ -153,3 +153,72 @@ def test_dump_dir_writes_graphs_and_report(tmp_path: Path) -> None:
     assert len(data["units"]) == 7 and len(data["groups"]) == 3
     after = next(p for p in tmp_path.iterdir() if p.name.endswith("_rewrite_after.txt")).read_text()
     assert "sparselora.select_mlp" in after and "sparselora.rows_linear" in after
+
+
+# ---- sparse or dense: gradients decide, not model.eval() -----------------------------------------
+
+
+@pytest.mark.parametrize("training, grad, sparse_eval, sparse", [
+    pytest.param(True, True, False, True, id="train-grad-sparse"),
+    pytest.param(False, True, False, True, id="eval-grad-sparse"),  # gradients decide, not eval()
+    pytest.param(False, False, False, False, id="eval-no_grad-dense"),
+    pytest.param(False, True, True, True, id="eval-grad-sparse_eval-sparse"),
+    pytest.param(False, False, True, True, id="eval-no_grad-sparse_eval-sparse"),
+    pytest.param(True, False, False, False, id="train-no_grad-dense"),
+])
+def test_graph_runs_sparse_when_gradients_are_on_or_sparse_eval_whatever_the_training_mode(
+        training: bool, grad: bool, sparse_eval: bool, sparse: bool) -> None:
+    """The documented rule (README "### Options", ``sparse_eval``): gradients or sparse_eval, not
+    ``model.eval()``: a backend is not shown the training flag, and Dynamo retraces on train()/eval()
+    only when the forward reads ``self.training``."""
+    from sparselora_fx import backend
+    from sparselora_fx.counters import record_selections
+
+    model = build_tiny_model("llama", num_layers=1).train(training)
+    options = {"inner": "aot_eager", "sparsity": 0.5, "progress": False}
+    if sparse_eval:
+        options["sparse_eval"] = True
+    backend.LAST_REPORTS.clear()
+    with torch.set_grad_enabled(grad), record_selections() as rec:
+        torch.compile(model, backend="sparselora", options=options)(**tiny_batch("llama"))
+    report = backend.LAST_REPORTS[-1]
+    assert len(report.groups) == 3 and all(g.sparsity == 0.5 for g in report.groups)
+    dense_note = any("gradients are off: the graph runs dense" in n for n in report.notes)
+    assert dense_note is not sparse, report.notes
+    assert bool(rec.picks) is sparse  # the sparse ops ran (or not) in the compiled step
+
+
+# ---- errors the user can fix surface as themselves -------------------------------------------------
+
+
+def test_oserror_while_the_passes_run_is_raised_not_turned_dense(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk under dump_dir is the user's to fix: it is raised, never 'this graph runs dense'."""
+    import errno
+    import warnings
+
+    from sparselora_fx import dump
+
+    def disk_full(path: Path, text: str) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setenv("SPARSELORA_STRICT", "0")  # strict mode would re-raise any failure anyway
+    monkeypatch.setattr(dump, "atomic_write", disk_full)
+    model = build_tiny_model("llama", num_layers=1)
+    opts = {"sparsity": 0.5, "inner": "aot_eager", "progress": False, "dump_dir": str(tmp_path)}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="sparselora: this graph runs dense")
+        with pytest.raises(Exception) as err:
+            torch.compile(model, backend="sparselora", options=opts)(**tiny_batch("llama"))
+    inner = getattr(err.value, "inner_exception", err.value)
+    assert isinstance(inner, OSError) and inner.errno == errno.ENOSPC, repr(err.value)
+    assert "runs dense" not in str(err.value)
+
+
+def test_unusable_dump_dir_is_an_options_error_through_torch_compile(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    model = build_tiny_model("llama", num_layers=1)
+    with pytest.raises(Exception) as err:
+        torch.compile(model, backend="sparselora",
+                      options={"sparsity": 0.5, "dump_dir": tmp_path / "file"})(**tiny_batch("llama"))
+    assert "options['dump_dir']" in str(err.value) and "is a file, not a folder" in str(err.value)

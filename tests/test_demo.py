@@ -80,9 +80,11 @@ def test_run_demo_plumbing(tmp_path):
     res = run_demo(cfg, echo=lines.append)
 
     saved = json.loads((tmp_path / "results.json").read_text())
-    for key in ("config", "machine", "sides", "speedup", "speedup_fastest_steps", "ideal_speedup", "efficiency",
-                "table", "notes"):
+    for key in ("config", "machine", "sides", "table", "notes"):
         assert key in saved
+    # 2 timed steps per side: the figures are withheld, and the output says why
+    assert not {"speedup", "speedup_fastest_steps", "ideal_speedup", "efficiency"} & set(saved)
+    assert any("only 2 timed step(s) per side" in n and "not be meaningful" in n for n in saved["notes"])
     for side in ("dense", "sparselora"):
         s = saved["sides"][side]
         for key in ("step_times_s", "losses", "compile_s", "step_time_s", "tokens_per_s", "peak_mem_bytes",
@@ -117,4 +119,82 @@ def test_run_demo_plumbing(tmp_path):
                 "final train loss", "eval loss (dense)"):
         assert row in text
     assert "dense LoRA" in text and "SparseLoRA" in text and "no evidence about accuracy" in text
+    assert "SparseLoRA step speedup" not in text and "not be meaningful" in text
     assert "pip install matplotlib" not in text  # plot=False: no hint
+
+
+def _side(times: list[float], flops: float) -> dict:
+    import statistics
+
+    timed = times[1:]
+    return {"step_times_s": times, "flops_per_step": flops,
+            "step_time_s": {"median": statistics.median(timed), "min": min(timed), "max": max(timed)}}
+
+
+def test_speedup_figures_need_enough_timed_steps():
+    """``demo --steps 2`` printed "18.19x speedup ... efficiency 9.15" from one timed step."""
+    from sparselora_fx.demo.runner import MIN_TIMED_STEPS, speedup_figures
+
+    few = speedup_figures(_side([9.0, 2.0], 4e9), _side([9.0, 0.11], 2e9))
+    assert few[0] == {} and "only 1 timed step(s)" in few[1] and f"--steps {MIN_TIMED_STEPS + 1}" in few[1]
+    figures, why_not = speedup_figures(_side([9.0] + [2.0] * MIN_TIMED_STEPS, 4e9),
+                                       _side([9.0] + [1.0] * MIN_TIMED_STEPS, 2e9))
+    assert why_not is None
+    assert figures == pytest.approx({"speedup": 2.0, "speedup_fastest_steps": 2.0, "ideal_speedup": 2.0,
+                                     "efficiency": 1.0})
+
+
+# ------------------------------------------------------------------------ user mistakes: DemoError, no traceback
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"steps": 1}, "--steps 1: need at least 2"),
+    ({"batch": 0}, "--batch 0: need at least 1"),
+    ({"seq": 4}, "--seq 4: need at least 8"),
+    ({"layers": 0}, "--layers 0: the built-in model needs at least 1 layer"),
+    ({"inner": "jit"}, "inner='jit'"),
+    ({"sides": ("sparse",)}, "sides=('sparse',)"),
+])
+def test_config_check_names_the_option(kwargs, needle):
+    from sparselora_fx.demo.runner import DemoError
+
+    with pytest.raises(DemoError) as exc:
+        DemoConfig(**kwargs).check()
+    assert needle in str(exc.value)
+
+
+def test_config_check_model_folder_without_config(tmp_path):
+    from sparselora_fx.demo.runner import DemoError
+
+    with pytest.raises(DemoError, match="no config.json"):
+        DemoConfig(model=str(tmp_path)).check()
+
+
+def test_load_alpaca_json_file_errors(tmp_path):
+    from sparselora_fx.demo.data import DemoDataError
+
+    binary = tmp_path / "b.json"
+    binary.write_bytes(b"\xff\xfe\x00\x81")
+    for path, needle in [(tmp_path / "missing.json", "data file not found"), (tmp_path, "a folder, not a data file"),
+                         (binary, "not UTF-8 text")]:
+        with pytest.raises(DemoDataError, match=needle) as exc:
+            load_alpaca_json(path)
+        assert str(path) in str(exc.value) and "--data" in str(exc.value)
+
+
+def test_load_data_fewer_examples_than_the_batch(tmp_path):
+    from sparselora_fx.demo.runner import DemoError, load_data
+
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"instruction": "a", "output": "b"}] * 3))
+    with pytest.raises(DemoError, match=r"2 training example\(s\), fewer than --batch 8; lower --batch"):
+        load_data(DemoConfig(data=str(path), batch=8, seq=32), CharTokenizer())
+
+
+def test_run_demo_out_is_a_file(tmp_path):
+    from sparselora_fx.demo.runner import DemoError
+
+    out = tmp_path / "results"
+    out.write_text("x")
+    with pytest.raises(DemoError, match="--out .*cannot create the output folder"):
+        run_demo(DemoConfig(out=str(out / "sub"), progress=False))

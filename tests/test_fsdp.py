@@ -90,7 +90,7 @@ def _unsharded_first_step(sparsity: float) -> tuple[torch.Tensor, dict[str, torc
 @pytest.mark.parametrize("shape", [(8, 4), (256, 128)], ids=["hashed-whole", "sampled"])
 def test_factors_leave_the_weight_storage_resizable(shape: tuple[int, int]) -> None:
     """FSDP2 frees an unsharded weight with ``storage.resize_(0)``: building its factors must not pin it."""
-    from sparselora_fx.runtime.factor_cache import get_factors
+    from sparselora_fx.factor_cache import get_factors
 
     weight = torch.randn(shape)
     assert get_factors(weight, 2, at_compile_time=True) is not None

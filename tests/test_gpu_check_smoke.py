@@ -73,7 +73,13 @@ def test_train_sides_ideals_and_env_switch(smoke: dict) -> None:
         assert side["n"] == tr["steps"] and side["step_s"] > 0, name
     for name in ("sparselora_torch", "sparselora_kernels"):
         side = tr["sides"][name]
-        assert side["speedup"] > 0 and side["efficiency_flops"] > 0 and side["efficiency_time"] > 0
+        assert side["speedup"] > 0 and side["efficiency_flops"] > 0
+        # The time ideal subtracts GEMMs timed alone from the step: on a loaded machine it can be
+        # undefined, and then the run says why instead of a number (CI once saw exactly that).
+        if tr["time_ideal"].get("ideal"):
+            assert side["efficiency_time"] > 0
+        else:
+            assert "efficiency_time" not in side and "timing noise" in tr["time_ideal"]["why_no_ideal"]
     assert tr["keep_matches_plan"] and smoke["summary"]["losses_finite"]
     assert tr["env_switch_check"]["passed"]
     assert tr["env_switch_check"]["kernels_expected"] is False  # CPU: the ops take the torch path
@@ -87,4 +93,5 @@ def test_train_sides_ideals_and_env_switch(smoke: dict) -> None:
     fl = tr["flops"]
     assert fl["dense_frozen_flops"] - fl["sparse_frozen_flops"] == removed
     assert fl["ideal"] == pytest.approx(fl["dense_flops"] / fl["sparse_flops"])
-    assert t["ideal_step_s"] > 0 and "Time-based ideal" in smoke["_md"]
+    assert "Time-based ideal" in smoke["_md"]
+    assert (t["ideal_step_s"] > 0) == (t["ideal"] is not None)

@@ -15,7 +15,7 @@ from sparselora_fx.errors import OptionsError
 from sparselora_fx.integrations.transformers import (SCHEDULE_FILE, SparseLoRACallback, compile_for_trainer,
                                                      enable_activation_checkpointing, unsupported_modules)
 from sparselora_fx.models import build_tiny_model, tiny_batch
-from sparselora_fx.passes.units import DORA_REASON, detect_unsupported
+from sparselora_fx.passes.analyse.unsupported import DORA_REASON, detect_unsupported
 from sparselora_fx.runtime.schedule import StepSchedule
 
 REPO = Path(__file__).resolve().parents[1]

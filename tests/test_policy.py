@@ -275,6 +275,68 @@ def test_estimator_spec_rejects_foreign_parameter() -> None:
         EstimatorSpec("svd", samples=3)
 
 
+@pytest.fixture
+def registered_estimator():
+    """A new estimator kind, `test_constant` (knobs: seed), registered for one test only."""
+    import dataclasses
+    from typing import ClassVar
+
+    import torch
+
+    from sparselora_fx import estimator_registry
+    from sparselora_fx.runtime import estimators as E
+
+    @dataclasses.dataclass(frozen=True)
+    class ConstantEstimator(E.Estimator):
+        kind: ClassVar[str] = "test_constant"
+        seed: int = 0
+
+        def estimate(self, x2d, weight, bias, mask=None):
+            return torch.ones(1, weight.shape[0], dtype=x2d.dtype)
+
+    E.register_estimator(ConstantEstimator)
+    try:
+        yield ConstantEstimator
+    finally:
+        estimator_registry.unregister(ConstantEstimator.kind)
+    assert "test_constant" not in estimator_registry.kinds()
+
+
+def test_registered_estimator_kind_can_be_named_in_a_policy(tmp_path: Path, registered_estimator) -> None:
+    from sparselora_fx.runtime import estimators as E
+
+    spec = EstimatorSpec("test_constant", seed=3)
+    from_dict = Policy.from_dict({"defaults": {"mlp": 0.5, "estimator": {"mlp": {"kind": "test_constant", "seed": 3}}}})
+    assert from_dict.estimator_for("gated_mlp") == spec
+    path = write(tmp_path, "p.toml", "[defaults]\nmlp = 0.5\nestimator = { kind = 'test_constant', seed = 3 }\n")
+    loaded = Policy.load(path)
+    assert all(loaded.estimator_for(k) == spec for k in KINDS)
+    assert Policy.from_toml_text(loaded.dump()) == loaded  # and it writes back out
+    assert spec.to_dict() == {"kind": "test_constant", "seed": 3} and spec.describe() == "test_constant"
+    assert E.get_estimator("test_constant", rank=8, seed=3) == registered_estimator(seed=3)
+    assert "test_constant" in E.estimator_kinds()
+    with pytest.raises(PolicyError, match=r"unknown key 'rank'.*Valid keys here: kind, seed"):
+        Policy.from_dict({"defaults": {"estimator": {"kind": "test_constant", "rank": 4}}})
+    with pytest.raises(PolicyError, match="Valid kinds: svd, token_sample, random, test_constant"):
+        Policy.from_dict({"defaults": {"estimator": {"kind": "no_such_kind"}}})
+    with pytest.raises(PolicyError, match="unknown estimator kind 'test_constnt'. Did you mean 'test_constant'"):
+        EstimatorSpec("test_constnt")
+
+
+def test_unregistered_estimator_kind_is_refused_listing_the_kinds() -> None:
+    import dataclasses
+
+    from sparselora_fx import estimator_registry
+
+    assert "test_constant" not in estimator_registry.kinds()  # the fixture cleaned up
+    with pytest.raises(PolicyError, match=r"unknown estimator kind 'test_constant'\. Valid kinds: svd, token_sample, random\."):
+        Policy.from_dict({"defaults": {"estimator": {"kind": "test_constant"}}})
+    with pytest.raises(SparseLoRAError, match="built in"):
+        estimator_registry.unregister("svd")
+    # The spec's fields are the knobs the registry hands out.
+    assert tuple(f.name for f in dataclasses.fields(EstimatorSpec))[1:] == estimator_registry.KNOBS
+
+
 def test_warmup() -> None:
     assert Policy(warmup_steps=12).warmup_steps_for(None) == 12
     assert Policy(warmup_steps=12).warmup_steps_for(1000) == 12
@@ -526,6 +588,76 @@ def test_check_names_warns_with_nearest_names() -> None:
     assert "rules[1]" in warnings[1] and "'re:decoder\\\\..*'" in warnings[1]
     assert "rules[2]: layers ['10-12'] select no module (layer indices present: 0..3)" in warnings[2]
     assert "rules[3]" in warnings[3] and "no module satisfies both" in warnings[3]
+
+
+# ---------------------------------------------------------------------------------------------
+# Regexes that could backtrack for ever are refused when the policy is loaded
+# ---------------------------------------------------------------------------------------------
+
+CATASTROPHIC = [
+    "re:(.*.*...)*x",  # the reported hang
+    "re:(a+)+",
+    "re:(.*)*mlp",
+    "re:model\\.(\\w+\\.?)*x",
+    "re:(.|.)*x",  # a repeated alternation whose branches match the same text
+    "re:.*.*.*.*.*.*.*.*.*.*x",  # ten `.*`: polynomial, but 30**10
+]
+
+_LOAD_THEN_RESOLVE = """
+import sys, json
+from sparselora_fx.errors import PolicyError
+from sparselora_fx.policy import Policy
+out = []
+for pattern in json.loads(sys.argv[1]):
+    text = "[[rules]]\\nmatch = " + json.dumps(pattern) + "\\nmlp = 0.5\\n"
+    try:
+        policy = Policy.from_toml_text(text, source="hang.toml")
+    except PolicyError as exc:
+        out.append(str(exc))
+        continue
+    policy.resolve("base_model.model.model.layers.17.mlp.gate_proj.base_layer", "gated_mlp")  # may hang
+    out.append("LOADED")
+print(json.dumps(out))
+"""
+
+
+def test_catastrophic_regex_is_refused_at_load_instead_of_hanging_resolve() -> None:
+    import subprocess
+
+    try:  # in a child process, so that a regression fails here instead of hanging the test run
+        done = subprocess.run([sys.executable, "-c", _LOAD_THEN_RESOLVE, json.dumps(CATASTROPHIC)],
+                              capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("loading (and resolving) a catastrophic regex did not finish in 20 s")
+    assert done.returncode == 0, done.stderr
+    messages = json.loads(done.stdout.strip().splitlines()[-1])
+    for pattern, message in zip(CATASTROPHIC, messages):
+        assert message.startswith(f"hang.toml: rules[0]: match {pattern!r} could take for ever"), message
+        assert "Write it without repeating a repeat: a glob (`model.layers.*.mlp`)" in message
+
+
+def test_catastrophic_regex_is_refused_in_python_too() -> None:
+    with pytest.raises(PolicyError, match="a repeated group holds another unbounded repeat"):
+        Rule(match="re:(a+)+", mlp=0.5)
+    with pytest.raises(PolicyError, match="<policy dict>: rules\\[1\\]: match 're:\\(\\.\\|\\.\\)\\*x'"):
+        Policy.coerce({"rules": [{"match": "model.layers.0", "mlp": 0.5}, {"match": "re:(.|.)*x", "mlp": 0.5}]})
+
+
+@pytest.mark.parametrize(
+    ("pattern", "layers"),
+    [
+        ("re:model\\.layers\\.(1|2)\\.mlp", [1, 2]),
+        ("re:.*mlp", [0, 1, 2, 3]),
+        ("re:.*\\.layers\\.\\d+\\.(mlp|self_attn)\\..*", [0, 1, 2, 3]),
+        ("re:model\\.layers\\.(1[4-9]|2[0-3]|[2-3])\\.mlp", [2, 3]),
+        ("re:(?:model\\.)?layers\\.[0-2]\\.mlp", [0, 1, 2]),  # an optional group is not a repeat
+        ("re:model\\.[^.]+\\.[13]\\.mlp", [1, 3]),
+    ],
+)
+def test_ordinary_regexes_still_match(pattern: str, layers: list[int]) -> None:
+    policy = Policy.from_dict({"rules": [{"match": pattern, "mlp": 0.5}]})
+    got = [i for i in range(4) if policy.resolve("base_model.model." + mlp_name(i), "gated_mlp") == 0.5]
+    assert got == layers
 
 
 # ---------------------------------------------------------------------------------------------

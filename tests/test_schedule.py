@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 import torch
 
 from sparselora_fx import OptionsError, Policy, PolicyError
-from sparselora_fx.backend import sparselora_backend
+from sparselora_fx.backend import copy_graph_module, sparselora_backend
 from sparselora_fx.models import build_tiny_model, tiny_batch
-from sparselora_fx.runtime.schedule import ScheduledGraph, StepSchedule, copy_graph_module, schedule_for
-from sparselora_fx.settings import Settings
+from sparselora_fx.runtime.schedule import ScheduledGraph, StepSchedule
+from sparselora_fx.settings import Settings, schedule_for
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -53,6 +55,36 @@ def test_attach_counts_optimizer_steps_and_detaches():
     assert s.steps == 2
     with pytest.raises(OptionsError, match="torch.optim.Optimizer"):
         s.attach(object())  # type: ignore[arg-type]
+
+
+def test_a_removed_handle_detaches_so_the_schedule_can_attach_again():
+    s, opt = StepSchedule(2), _sgd()
+    s.attach(opt).remove()
+    handle = s.attach(opt)  # refused as "attached already" before the handle really detached
+    opt.step()
+    assert s.steps == 1
+    handle.remove()
+    handle.remove()  # idempotent
+    opt.step()
+    assert s.steps == 1
+
+
+def test_a_second_optimizer_is_refused_instead_of_counting_each_step_twice():
+    s, first, second = StepSchedule(4), _sgd(), _sgd()
+    s.attach(first)
+    with pytest.raises(OptionsError, match="attached to another optimizer already.*count twice"):
+        s.attach(second)
+    first.step()
+    second.step()
+    assert s.steps == 1  # one training step, counted once: the warm-up keeps its length
+
+
+def test_warmup_longer_than_the_run_warns():
+    with pytest.warns(UserWarning, match="warmup_steps=50 is more than total_steps=20: the whole run stays dense"):
+        StepSchedule(50, total_steps=20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        StepSchedule(20, total_steps=20)
 
 
 def test_state_dict_round_trip_is_weights_only_safe():

@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from sparselora_fx import backend
+from sparselora_fx.counters import counters, record_selections
 from sparselora_fx.counting import ExecutedFlops
 from sparselora_fx.errors import SparseLoRAError
 from sparselora_fx.models import build_tiny_model, tiny_batch
-from sparselora_fx.passes import COUNTERS
-from sparselora_fx.runtime import selection
 
 # ------------------------------------------------------------------------------------------ helpers
 
@@ -58,21 +57,6 @@ def _step(fn, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in _trainable(model).items()}
     return loss.detach(), grads
-
-
-class _Record:
-    """Collects what every selection op returned while active (``selection._DEBUG_RECORD``)."""
-
-    def __enter__(self):
-        self.items: list = []
-        selection._DEBUG_RECORD = self.items
-        return self
-
-    def __exit__(self, *exc):
-        selection._DEBUG_RECORD = None
-
-    def of(self, op: str) -> list:
-        return [out for name, out in self.items if name == op]
 
 
 def _layers(model):
@@ -185,12 +169,12 @@ def test_sparsity_zero_runs_sparse_ops_and_matches_dense(arch, layers):
     loss_d, grads_d = _step(torch.compile(dense, backend="aot_eager"), batch)
 
     model = build_tiny_model(arch, num_layers=layers, init_lora_b=True, dtype=torch.float64)
-    before = COUNTERS["groups_rewritten"]
-    with _Record() as rec:
+    before = counters["sparselora"]["groups_rewritten"]
+    with record_selections() as rec:
         loss_s, grads_s = _step(_compile(model, sparsity=0.0), batch)
-    assert COUNTERS["groups_rewritten"] > before
-    assert rec.items, "no sparselora selection op ran"
-    for name, out in rec.items:  # keep = N: every selection keeps every channel
+    assert counters["sparselora"]["groups_rewritten"] > before
+    assert rec.picks, "no sparselora selection op ran"
+    for name, out in rec.picks:  # keep = N: every selection keeps every channel
         for idx in (out if isinstance(out, tuple) else (out,)):
             assert torch.equal(idx, torch.arange(idx.numel())), name
     assert _rel(loss_s, loss_d) < 1e-6
@@ -206,7 +190,7 @@ def test_full_rank_estimator_selects_oracle_sets_and_matches_masked_reference():
     s = 0.5
     batch = tiny_batch("llama")
     model = build_tiny_model("llama", num_layers=2, init_lora_b=True, dtype=torch.float64)
-    with _Record() as rec:
+    with record_selections() as rec:
         loss_c, grads_c = _step(_compile(model, sparsity=s, estimator_rank=64), batch)
 
     ref = build_tiny_model("llama", num_layers=2, init_lora_b=True, dtype=torch.float64)
@@ -260,7 +244,7 @@ def test_lora_gradients_match_central_differences_of_sparse_loss(monkeypatch):
     batch = tiny_batch("llama")
     model = build_tiny_model("llama", num_layers=2, init_lora_b=True, dtype=torch.float64)
     f = _compile(model, sparsity=0.5)
-    with _Record() as rec0:
+    with record_selections() as rec0:
         _, grads = _step(f, batch)
     params = _trainable(model)
     gen = torch.Generator().manual_seed(1)
@@ -274,13 +258,13 @@ def test_lora_gradients_match_central_differences_of_sparse_loss(monkeypatch):
             with torch.no_grad():
                 for n, p in params.items():
                     p.add_(v[n], alpha=sign * eps)
-            with _Record() as rec:
+            with record_selections() as rec:
                 losses.append(_loss(f, batch).item())  # grad mode on: the sparse graph runs
             with torch.no_grad():
                 for n, p in params.items():
                     p.sub_(v[n], alpha=sign * eps)
-            assert len(rec.items) == len(rec0.items)
-            for (na, a), (nb, b) in zip(rec.items, rec0.items):
+            assert len(rec.picks) == len(rec0.picks)
+            for (na, a), (nb, b) in zip(rec.picks, rec0.picks):
                 assert na == nb and all(torch.equal(x, y) for x, y in zip(a if isinstance(a, tuple) else (a,),
                                                                          b if isinstance(b, tuple) else (b,)))
         fd = (losses[0] - losses[1]) / (2 * eps)
@@ -342,11 +326,11 @@ def test_inductor_llama_dynamic_lengths_compile_once():
     model = build_tiny_model("llama", num_layers=1, init_lora_b=True)
     compiled = _compile(model, sparsity=0.5, inner="inductor", dynamic=True)
     got = _losses(compiled, "llama", seqs[:1])
-    n0, r0 = len(backend.LAST_REPORTS), COUNTERS["groups_rewritten"]
+    n0, r0 = len(backend.LAST_REPORTS), counters["sparselora"]["groups_rewritten"]
     assert r0 >= 3
     got += _losses(compiled, "llama", seqs[1:])
     assert len(backend.LAST_REPORTS) == n0, "recompiled for a new sequence length"
-    assert COUNTERS["groups_rewritten"] == r0
+    assert counters["sparselora"]["groups_rewritten"] == r0
     for a, b in zip(got, want):
         assert _rel(a, b) < 1e-5
 
@@ -361,9 +345,9 @@ def test_inductor_matches_aot_eager(arch):
     want, _ = _step(_compile(ref, sparsity=0.5), batch)
     torch._dynamo.reset()
     model = build_tiny_model(arch, num_layers=1, init_lora_b=True).eval()
-    r0 = COUNTERS["groups_rewritten"]
+    r0 = counters["sparselora"]["groups_rewritten"]
     got, _ = _step(_compile(model, sparsity=0.5, inner="inductor"), batch)
-    assert COUNTERS["groups_rewritten"] > r0
+    assert counters["sparselora"]["groups_rewritten"] > r0
     assert _rel(got, want) < 1e-5
 
 
@@ -379,17 +363,17 @@ def test_no_grad_runs_dense_unless_sparse_eval():
     assert _rel(sparse, dense) > 1e-6, "the sparse run should differ from dense at sparsity 0.5"
 
     f = _compile(model, sparsity=0.5)
-    with torch.no_grad(), _Record() as rec:
+    with torch.no_grad(), record_selections() as rec:
         got = _loss(f, batch)
-    assert not rec.items
+    assert not rec.picks
     assert _rel(got, dense) < 1e-12
 
     torch._dynamo.reset()
     g = _compile(model, sparsity=0.5, sparse_eval=True)
     model.eval()
-    with torch.no_grad(), _Record() as rec:
+    with torch.no_grad(), record_selections() as rec:
         got = _loss(g, batch)
-    assert rec.items
+    assert rec.picks
     assert _rel(got, sparse) < 1e-12
 
 
@@ -429,13 +413,13 @@ def test_unrewritable_group_falls_back_dense_with_one_warning(monkeypatch):
     want = model(x)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with _Record() as rec:
+        with record_selections() as rec:
             got = _compile(model, sparsity=0.5)(x)
     ours = [w for w in caught if "sparselora" in str(w.message)]
     assert len(ours) == 1, [str(w.message) for w in ours]
     msg = str(ours[0].message)
     assert "mlp" in msg and "different inputs" in msg
-    assert not rec.items
+    assert not rec.picks
     assert _rel(got, want) < 1e-12
 
 
@@ -445,16 +429,16 @@ def test_nan_weight_stays_dense_with_a_warning(monkeypatch):
     model = build_tiny_model("llama", num_layers=1, init_lora_b=True, dtype=torch.float64)
     with torch.no_grad():
         _layers(model)[0].mlp.up_proj.base_layer.weight[3, 5] = float("nan")
-    before = COUNTERS["groups_rewritten"]
+    before = counters["sparselora"]["groups_rewritten"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with _Record() as rec:
+        with record_selections() as rec:
             _loss(_compile(model, sparsity=0.5), batch).backward()
     ours = [str(w.message) for w in caught if "sparselora" in str(w.message)]
     assert len(ours) == 1, ours
     assert "layers.0.mlp" in ours[0] and "NaN" in ours[0]
-    assert COUNTERS["groups_rewritten"] - before == 2  # q/k and v/o still sparse
-    assert {name for name, _ in rec.items} == {"select_qk", "select_vo"}
+    assert counters["sparselora"]["groups_rewritten"] - before == 2  # q/k and v/o still sparse
+    assert {name for name, _ in rec.picks} == {"select_qk", "select_vo"}
 
 
 @pytest.mark.parametrize("bad", [1.2, -0.1, 1.0])
@@ -467,3 +451,178 @@ def test_sparsity_outside_unit_interval_is_an_error_naming_it(bad):
         err = err.__cause__ or err.__context__
     assert isinstance(err, SparseLoRAError), info.value
     assert repr(bad) in str(err)
+
+
+# ------------------------------------------- 8. hand-written LoRA with the bias add as its own op
+
+
+class _BiasAfterProduct(torch.nn.Module):
+    """``y = x @ W.T; y = y + b; out = y + (x @ A.T) @ B.T * s`` (W, b, g frozen; A, B trained),
+    optionally with a per-channel scale ``y * g`` after the bias."""
+
+    def __init__(self, d_in: int, d_out: int, scale: bool = False, r: int = 4):
+        super().__init__()
+        f64 = torch.float64
+        self.weight = torch.nn.Parameter(torch.randn(d_out, d_in, dtype=f64) / d_in**0.5, requires_grad=False)
+        self.bias = torch.nn.Parameter(torch.randn(d_out, dtype=f64) * 0.5, requires_grad=False)
+        self.g = torch.nn.Parameter(torch.rand(d_out, dtype=f64) + 0.5, requires_grad=False) if scale else None
+        self.A = torch.nn.Parameter(torch.randn(r, d_in, dtype=f64) * 0.3)
+        self.B = torch.nn.Parameter(torch.randn(d_out, r, dtype=f64) * 0.3)
+
+    def forward(self, x):
+        y = x @ self.weight.T
+        y = y + self.bias
+        if self.g is not None:
+            y = y * self.g
+        return y + (x @ self.A.T) @ self.B.T * 0.5
+
+
+class M(torch.nn.Module):
+    """A gated MLP of hand-written LoRA layers. ``kept`` set: the eager reference, the kept
+    intermediate channels applied by masking (down's base and LoRA then read only those)."""
+
+    def __init__(self, scale: str = ""):
+        super().__init__()
+        self.gate = _BiasAfterProduct(16, 32, scale == "gate")
+        self.up = _BiasAfterProduct(16, 32)
+        self.down = _BiasAfterProduct(32, 16, scale == "down")
+        self.kept: torch.Tensor | None = None
+
+    def forward(self, x):
+        h = F.silu(self.gate(x)) * self.up(x)
+        if self.kept is not None:
+            m = torch.zeros(h.shape[-1], dtype=h.dtype)
+            m[self.kept] = 1
+            h = h * m
+        return self.down(h)
+
+
+def _hand_step(model, fn, x):
+    model.zero_grad(set_to_none=True)
+    loss = fn(x).pow(2).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.detach().clone() for n, p in _trainable(model).items()}
+
+
+def _fresh(scale: str = "") -> M:
+    torch.manual_seed(0)
+    return M(scale)
+
+
+@pytest.mark.parametrize("scale", ["", "down"])  # a per-channel scale on down: it reads columns, exact too
+def test_hand_written_lora_with_a_separate_bias_add_forms_its_mlp_group_and_trains_exactly(scale):
+    x = torch.randn(2, 6, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    options = {"inner": "aot_eager", "progress": False}
+
+    eager = _fresh(scale)
+    loss_e, grads_e = _hand_step(eager, eager, x)
+    model = _fresh(scale)
+    backend.LAST_REPORTS.clear()
+    with record_selections() as rec:
+        loss_0, grads_0 = _hand_step(model, torch.compile(model, backend="sparselora",
+                                                          options={**options, "sparsity": 0.0}), x)
+    report = backend.LAST_REPORTS[-1]
+    assert sorted(u.fqn for u in report.units) == ["down", "gate", "up"]
+    assert [(g.kind, len(g.units)) for g in report.groups] == [("gated_mlp", 3)] and not report.skipped
+    assert [name for name, _ in rec.picks] == ["select_mlp"]
+    assert _rel(loss_0, loss_e) < 1e-10
+    assert max(_rel(grads_0[n], grads_e[n]) for n in grads_e) < 1e-10
+
+    torch._dynamo.reset()
+    model = _fresh(scale)
+    before = counters["sparselora"]["groups_rewritten"]
+    with record_selections() as rec:
+        loss_s, grads_s = _hand_step(model, torch.compile(model, backend="sparselora",
+                                                          options={**options, "sparsity": 0.5}), x)
+    assert counters["sparselora"]["groups_rewritten"] - before == 1
+    (kept,) = rec.of("select_mlp")
+    assert kept.numel() == 16
+    ref = _fresh(scale)
+    ref.kept = kept
+    loss_r, grads_r = _hand_step(ref, ref, x)
+    assert _rel(loss_s, loss_e) > 1e-6, "sparsity 0.5 should differ from dense"
+    assert _rel(loss_s, loss_r) < 1e-10
+    assert max(_rel(grads_s[n], grads_r[n]) for n in grads_r) < 1e-10
+    dropped = torch.ones(32, dtype=torch.bool)
+    dropped[kept] = False
+    assert grads_s["gate.B"][dropped].abs().max() == 0 and grads_s["down.A"][:, dropped].abs().max() == 0
+
+
+def test_per_channel_scale_on_a_scored_projection_keeps_the_mlp_dense_with_the_reason(monkeypatch):
+    monkeypatch.delenv("SPARSELORA_STRICT", raising=False)
+    x = torch.randn(2, 6, 16, dtype=torch.float64)
+    eager = _fresh("gate")
+    want = eager(x)
+    model = _fresh("gate")
+    backend.LAST_REPORTS.clear()
+    with warnings.catch_warnings(record=True) as caught, record_selections() as rec:
+        warnings.simplefilter("always")
+        got = torch.compile(model, backend="sparselora",
+                            options={"inner": "aot_eager", "sparsity": 0.5, "progress": False})(x)
+    report = backend.LAST_REPORTS[-1]
+    assert sorted(u.fqn for u in report.units) == ["down", "gate", "up"]  # matched, and said why dense
+    assert [s.reason for s in report.skipped if "scaled by" in s.reason and "gate" in s.reason]
+    assert len([w for w in caught if "sparselora" in str(w.message)]) == 1
+    assert not rec.picks
+    assert _rel(got, want) < 1e-12
+
+
+def test_hand_written_attention_with_separate_bias_adds_matches_the_f_linear_spelling(monkeypatch):
+    """q/k/v's kept channels are scattered to full width: a bias added after the product must
+    leave the dropped channels zero, as ``F.linear(x, W, b)``'s bias inside the sparse op does,
+    with every token sparse and with the output tokens dense."""
+    from sparselora_fx.passes import tokens
+    from sparselora_fx.policy import Policy
+    from tests.passes import test_attention_groups as attn
+
+    def forward(self, x):
+        if self.separate:
+            y = x @ self.weight.T
+            y = (self.bias + y) if self.spelling == "linear" else y + self.bias
+        else:
+            y = F.linear(x, self.weight, self.bias)
+        return y + (x @ self.lora_A.T) @ self.lora_B.T * 0.5
+
+    monkeypatch.setattr(attn.LoraLinear, "forward", forward)
+
+    def run(separate: bool, mode: str, spelling: str):
+        torch.manual_seed(0)
+        block = attn.Block(rope="half", spelling=spelling).double()
+        for mod in block.modules():
+            if isinstance(mod, attn.LoraLinear):
+                mod.bias = torch.nn.Parameter(torch.randn(mod.weight.shape[0], dtype=torch.float64),
+                                              requires_grad=False)
+                mod.separate = separate
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(2, 6, attn.HIDDEN, dtype=torch.float64, generator=gen)
+        cos, sin = attn.rope_tables("half", attn.HEAD_DIM, 6, torch.float64)
+        out_mask = torch.zeros(2, 6, dtype=torch.bool)
+        out_mask[0, 2:4] = out_mask[1, 5] = True
+
+        def step(x, cos, sin, out_mask):
+            tokens.mark_output_tokens(out_mask)
+            return block(x, cos, sin)
+
+        policy = Policy(attn_qk=0.5, attn_vo=0.5, tokens=mode, dense_tokens=2)
+        torch._dynamo.reset()
+        backend.LAST_REPORTS.clear()
+        tokens.reset_token_stats()
+        with record_selections() as rec:
+            out = torch.compile(step, backend="sparselora",
+                                options={"policy": policy, "inner": "aot_eager", "progress": False})(
+                x, cos, sin, out_mask)
+            out.pow(2).sum().backward()
+        assert [(g.kind, g.sparsity) for g in backend.LAST_REPORTS[-1].groups] == [("attn_qk", 0.5),
+                                                                                 ("attn_vo", 0.5)]
+        assert tokens.token_stats().calls == (mode == "output_dense")
+        grads = {n: p.grad for n, p in block.named_parameters() if p.requires_grad}
+        return out.detach(), grads, rec.picks
+
+    for mode in ("all_sparse", "output_dense"):
+        for spelling in ("linear", "matmul"):  # separate: `b + y` / `y + b`
+            want, grads_w, picks_w = run(False, mode, spelling)
+            got, grads_g, picks_g = run(True, mode, spelling)
+            assert [n for n, _ in picks_g] == [n for n, _ in picks_w] == ["select_qk", "select_vo"]
+            assert all(torch.equal(a, b) for (_, pa), (_, pb) in zip(picks_g, picks_w) for a, b in zip(pa, pb))
+            assert _rel(got, want) < 1e-10
+            assert max(_rel(grads_g[n], grads_w[n]) for n in grads_w) < 1e-10

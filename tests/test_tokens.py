@@ -17,7 +17,7 @@ from sparselora_fx.errors import PolicyError
 from sparselora_fx.models import build_tiny_model, tiny_batch
 from sparselora_fx.passes import tokens
 from sparselora_fx.policy import Policy
-from sparselora_fx.runtime import selection
+from sparselora_fx.counters import SelectionRecorder, record_selections
 
 S = 0.5
 IGNORE = -100
@@ -29,19 +29,6 @@ def _policy(mode: str = "output_dense", dense_tokens: float | int = 0.25) -> Pol
 
 def _compile(model, policy: Policy):
     return torch.compile(model, backend="sparselora", options={"policy": policy, "inner": "aot_eager"})
-
-
-class _Record:
-    def __enter__(self):
-        self.items: list = []
-        selection._DEBUG_RECORD = self.items
-        return self
-
-    def __exit__(self, *exc):
-        selection._DEBUG_RECORD = None
-
-    def of(self, op: str) -> list:
-        return [out for name, out in self.items if name == op]
 
 
 def _loss64(logits, labels, vocab_size, **kwargs):
@@ -137,7 +124,7 @@ class SplitReference:
             h.remove()
 
 
-def _kept(rec: _Record, layers: int) -> dict:
+def _kept(rec: SelectionRecorder, layers: int) -> dict:
     kept = {}
     for op, kind in (("select_qk", "qk"), ("select_vo", "vo"), ("select_mlp", "mlp")):
         got = rec.of(op)
@@ -191,7 +178,7 @@ def test_output_tokens_dense_matches_reference_and_new_counts_do_not_recompile(f
     f = _compile(model, _policy())
     tokens.reset_token_stats()
     for i, batch in enumerate((first, second)):
-        with _Record() as rec, torch._dynamo.config.patch(error_on_recompile=i > 0):
+        with record_selections() as rec, torch._dynamo.config.patch(error_on_recompile=i > 0):
             loss_c, grads_c = _step(f, batch)
         kept = _kept(rec, 2)
         rows = _dense_rows(batch["labels"], 6)
@@ -215,7 +202,7 @@ def test_all_sparse_mode_runs_every_token_sparse(float64_llama):
     batch = {"input_ids": ids, "labels": _labels(ids, [9, 10])}
     model = float64_llama(layers=1)
     tokens.reset_token_stats()
-    with _Record() as rec:
+    with record_selections() as rec:
         loss_c, grads_c = _step(_compile(model, _policy("all_sparse")), batch)
     assert tokens.token_stats().calls == 0
     loss_r, grads_r = _reference(lambda: float64_llama(layers=1), batch, _kept(rec, 1),
@@ -239,9 +226,9 @@ def test_hf_loss_labels_are_found_through_its_pad_shift(float64_llama):
 def test_without_labels_every_token_is_sparse_and_the_report_says_why(float64_llama):
     model = float64_llama(layers=1)
     tokens.reset_token_stats()
-    with _Record() as rec:
+    with record_selections() as rec:
         _compile(model, _policy())(input_ids=tiny_batch("llama")["input_ids"]).logits.sum().backward()
-    assert rec.items and tokens.token_stats().calls == 0
+    assert rec.picks and tokens.token_stats().calls == 0
     why = [s.reason for s in backend.LAST_REPORTS[-1].skipped if s.name == "tokens"]
     assert len(why) == 1 and "no cross_entropy" in why[0] and "mark_output_tokens" in why[0]
 
@@ -331,7 +318,7 @@ def test_conv1d_and_fused_projections_split_tokens_exactly(arch, monkeypatch):
     batch = {"input_ids": ids, "labels": _labels(ids, [9, 10])}
     tokens.reset_token_stats()
     backend.LAST_REPORTS.clear()
-    with _Record() as rec:
+    with record_selections() as rec:
         loss_c, grads_c = _step(_compile(build(), _policy()), batch)
     (report,) = backend.LAST_REPORTS
     assert report.skipped == [] and len(report.groups) == 6, report.skipped  # nothing fell back to dense

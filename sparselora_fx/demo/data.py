@@ -79,8 +79,17 @@ def load_alpaca_json(path: str | Path) -> list[dict[str, str]]:
         data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DemoDataError(f"{p}: data file not found; pass an existing Alpaca-style JSON file to --data.") from None
+    except IsADirectoryError:
+        raise DemoDataError(f"{p}: a folder, not a data file; pass an Alpaca-style JSON file to --data.") from None
+    except UnicodeDecodeError:
+        raise DemoDataError(f"{p}: not UTF-8 text (a binary file?); pass an Alpaca-style JSON file "
+                            "to --data.") from None
+    except OSError as exc:
+        raise DemoDataError(f"{p}: cannot read the data file ({exc.strerror or exc}); pass a readable "
+                            "Alpaca-style JSON file to --data.") from None
     except json.JSONDecodeError as exc:
-        raise DemoDataError(f"{p}:{exc.lineno}:{exc.colno}: malformed JSON: {exc.msg}.") from None
+        raise DemoDataError(f"{p}:{exc.lineno}:{exc.colno}: malformed JSON: {exc.msg}; --data takes a JSON list "
+                            "of {instruction, input, output} records.") from None
     if not isinstance(data, list) or not data:
         raise DemoDataError(f"{p}: expected a non-empty JSON list of {{instruction, input, output}} records.")
     for i, rec in enumerate(data):

@@ -74,8 +74,15 @@ class DemoConfig:
         """Raise DemoError naming the bad option and a valid value."""
         if self.steps < 2:
             raise DemoError(f"--steps {self.steps}: need at least 2 (the first step compiles and is not timed).")
-        if self.batch < 1 or self.seq < 8:
-            raise DemoError(f"--batch {self.batch} / seq {self.seq}: need batch >= 1 and seq >= 8.")
+        if self.batch < 1:
+            raise DemoError(f"--batch {self.batch}: need at least 1 sequence per batch, e.g. --batch 8.")
+        if self.seq < 8:
+            raise DemoError(f"--seq {self.seq}: need at least 8 tokens per sequence, e.g. --seq 128.")
+        if self.model is None and self.layers < 1:
+            raise DemoError(f"--layers {self.layers}: the built-in model needs at least 1 layer, e.g. --layers 2.")
+        if self.model is not None and not (Path(self.model) / "config.json").is_file():
+            raise DemoError(f"--model {self.model}: not a Hugging Face model folder (no config.json); pass a folder "
+                            "saved with save_pretrained, or drop --model for the built-in model.")
         if self.inner not in ("inductor", "aot_eager", "eager"):
             raise DemoError(f"inner={self.inner!r}: choose inductor, aot_eager or eager.")
         unknown = [s for s in self.sides if s not in SIDES]
@@ -115,7 +122,12 @@ def load_tokenizer(cfg: DemoConfig) -> Any:
         return CharTokenizer()
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:  # no tokenizer files, or ones transformers cannot read
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DemoError(f"--model {cfg.model}: no tokenizer could be loaded from it ({first}); save one into the "
+                        "folder with tokenizer.save_pretrained, or drop --model for the built-in model.") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -155,6 +167,10 @@ def load_data(cfg: DemoConfig, tokenizer: Any) -> tuple[dict[str, torch.Tensor],
         records = load_alpaca_json(cfg.data)
         n_eval = min(cfg.n_eval, max(1, len(records) // 10))
         train, evals = records[:-n_eval], records[-n_eval:]
+    if len(train) < cfg.batch:  # found now, not after both sides are built and compiled
+        where = f"--data {cfg.data}" if cfg.data else "the generated data"
+        raise DemoError(f"{where}: {len(train)} training example(s), fewer than --batch {cfg.batch}; lower --batch "
+                        "or give more data.")
     return encode_dataset(train, tokenizer, cfg.seq), encode_dataset(evals, tokenizer, cfg.seq)
 
 
@@ -302,6 +318,30 @@ def _fmt_flops(n: float | None) -> str:
     return "n/a" if n is None else f"{n / 1e9:,.2f} GFLOP"
 
 
+#: Below this many timed steps per side (the first step compiles and is not timed) a median is one
+#: or two samples on a shared machine: the speedup is then reported as not meaningful, not printed.
+MIN_TIMED_STEPS = 5
+
+
+def speedup_figures(dense: dict[str, Any], sparse: dict[str, Any], *,
+                    min_timed: int = MIN_TIMED_STEPS) -> tuple[dict[str, float], str | None]:
+    """The speedup, its FLOPs ideal and efficiency of two sides' results; or none, and why not.
+
+    Why a gate: ``--steps 2`` once printed "18.19x speedup, efficiency 9.15" from one timed step.
+    """
+    timed = min(len(dense["step_times_s"]), len(sparse["step_times_s"])) - 1
+    if timed < min_timed:
+        return {}, (f"timing: only {max(timed, 0)} timed step(s) per side (the first compiles), fewer than "
+                    f"{min_timed}: the speedup and efficiency figures would not be meaningful, so none are "
+                    f"given; run with --steps {min_timed + 1} or more to measure them.")
+    figures = {"speedup": dense["step_time_s"]["median"] / sparse["step_time_s"]["median"],
+               "speedup_fastest_steps": dense["step_time_s"]["min"] / sparse["step_time_s"]["min"]}
+    if dense.get("flops_per_step") and sparse.get("flops_per_step"):
+        figures["ideal_speedup"] = dense["flops_per_step"] / sparse["flops_per_step"]
+        figures["efficiency"] = figures["speedup"] / figures["ideal_speedup"]
+    return figures, None
+
+
 def results_table(results: dict[str, Any]) -> str:
     """The side-by-side table (tabulate) of a results dict as ``run_demo`` returns it."""
     from tabulate import tabulate
@@ -317,7 +357,8 @@ def results_table(results: dict[str, Any]) -> str:
         row("median step time", lambda x: f"{x['step_time_s']['median']:.3f} s "
                                           f"({x['step_time_s']['min']:.3f}-{x['step_time_s']['max']:.3f})"),
         row("tokens/s", lambda x: f"{x['tokens_per_s']:,.0f}"),
-        row("speedup", lambda x: f"{base['step_time_s']['median'] / x['step_time_s']['median']:.2f}x" if base else "n/a"),
+        row("speedup", lambda x: f"{base['step_time_s']['median'] / x['step_time_s']['median']:.2f}x"
+            if base and "speedup" in results else "n/a"),
         row("executed FLOPs / step", lambda x: _fmt_flops(x.get("flops_per_step"))),
         row("compile (first step extra)", lambda x: f"{x['compile_s']:.1f} s"),
         row("peak memory (step)", lambda x: _fmt_bytes(x["peak_mem_bytes"])),
@@ -368,7 +409,11 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, 
     """
     cfg.check()
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # an existing file, a file among its parents, no write permission
+        raise DemoError(f"--out {cfg.out}: cannot create the output folder ({exc.strerror or exc}); pass a "
+                        "writable folder path.") from None
     tokenizer = load_tokenizer(cfg)
     vocab = len(tokenizer) if cfg.model is not None else tokenizer.vocab_size
     train, evals = load_data(cfg, tokenizer)
@@ -391,14 +436,12 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict[str, 
             {"mlp": None, "attn_qk": None, "attn_vo": None}] * _num_layers(res["model"])
         res["flops_per_step"] = _flops(res["model"], cfg, sparsities, policy)
         results["sides"][side] = res
-    if "dense" in results["sides"] and "sparselora" in results["sides"]:
-        d, s = results["sides"]["dense"], results["sides"]["sparselora"]
-        results["speedup"] = d["step_time_s"]["median"] / s["step_time_s"]["median"]
-        results["speedup_fastest_steps"] = d["step_time_s"]["min"] / s["step_time_s"]["min"]
-        if d["flops_per_step"] and s["flops_per_step"]:
-            results["ideal_speedup"] = d["flops_per_step"] / s["flops_per_step"]
-            results["efficiency"] = results["speedup"] / results["ideal_speedup"]
     results["notes"] = [ACCURACY_NOTE] if cfg.model is None else []
+    if "dense" in results["sides"] and "sparselora" in results["sides"]:
+        figures, why_not = speedup_figures(results["sides"]["dense"], results["sides"]["sparselora"])
+        results.update(figures)
+        if why_not:
+            results["notes"].append(why_not)
     load = measure.describe_machine(cfg.device)["loadavg_1_5_15"]
     results["loadavg_after"] = load
     cores = results["machine"]["cores"] or 1

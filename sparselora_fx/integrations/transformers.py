@@ -203,7 +203,7 @@ def unsupported_modules(model: torch.nn.Module) -> list[tuple[str, str]]:
     breaks the graph); the model itself still knows every name, so this lists them up front.
     """
     from ..names import normalize_module_name
-    from ..passes.units import DORA_REASON, QLORA_REASON
+    from ..passes.analyse.unsupported import DORA_REASON, QLORA_REASON
 
     out: list[tuple[str, str]] = []
     for name, module in model.named_modules():

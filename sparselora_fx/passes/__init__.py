@@ -1,7 +1,8 @@
 """The ordered pass pipeline: analyse -> group -> plan -> rewrite.
 
 Each pass is a plain function over a ``PassContext``; ``PIPELINE`` lists them in order and prints
-as a table (``print(describe_pipeline())``). Every match bumps a counter in ``COUNTERS`` so tests
+as a table (``print(describe_pipeline())``). Every match bumps a counter in
+``sparselora_fx.counters.counters["sparselora"]`` (``COUNTERS`` here is that same Counter) so tests
 can assert what fired, the way Inductor's fx_passes do.
 """
 
@@ -16,20 +17,29 @@ from typing import Any, Callable
 import torch
 from torch.fx import GraphModule
 
-from .groups import Group, Skipped, find_mlp_groups
-from .plan import Plan, layer_binding_note, make_plan
-from .units import LoraUnit, expand_fused, find_lora_units
+from ..counters import counters
+from ..factor_cache import cache_stats, prepare_factors
+from ..settings import Settings
+from . import graph_ops as ops
+from .analyse.attention import find_attention_groups
+from .analyse.groups import Group, Skipped, expand_fused, find_mlp_groups
+from .analyse.units import LoraUnit, detect_unmatched, find_lora_units
+from .analyse.unsupported import detect_unsupported
+from .plan import Plan, check_policy, layer_binding_note, make_plan
+from .rewrite import rewrite_graph
+from .weights import oriented_weight, real_weights
 
 log = logging.getLogger("sparselora_fx")
 
-COUNTERS: collections.Counter[str] = collections.Counter()
+#: The very Counter ``counters["sparselora"]`` (kept under this name: the README documents it).
+COUNTERS: collections.Counter[str] = counters["sparselora"]
 
 
 @dataclass
 class PassContext:
     gm: GraphModule
     example_inputs: list[Any]
-    settings: Any
+    settings: Settings
     sparse_enabled: bool = True
     units: list[LoraUnit] = field(default_factory=list)
     groups: list[Group] = field(default_factory=list)
@@ -42,15 +52,13 @@ class PassContext:
 def pass_find_units(ctx: PassContext) -> None:
     """Match every frozen linear + LoRA branch (recursing into HOP bodies)."""
     ctx.units = find_lora_units(ctx.gm)
-    COUNTERS["units_matched"] += len(ctx.units)
+    counters["sparselora"]["units_matched"] += len(ctx.units)
 
 
 def pass_group(ctx: PassContext) -> None:
     """Prove MLP and attention groups from the dataflow; record what could not be grouped."""
-    from .attention import find_attention_groups
-    from .units import detect_unsupported
-
     unsupported = detect_unsupported(ctx.gm)  # QLoRA / DoRA: never sparsified, always reported
+    unmatched = detect_unmatched(ctx.gm, ctx.units)  # a frozen linear meets LoRA but is no unit
     bad = {name for name, _ in unsupported}
     ctx.units = [u for u in ctx.units if u.fqn not in bad]
     mlp, skipped = find_mlp_groups(ctx.units)
@@ -70,26 +78,25 @@ def pass_group(ctx: PassContext) -> None:
         if id(unit) not in grouped and unit.fqn not in named:
             ctx.skipped.append(Skipped(unit.fqn, _ungrouped_reason(unit), unit.output.name))
     ctx.skipped += [Skipped(name, reason) for name, reason in unsupported]
+    ctx.skipped += [Skipped(name, reason, where) for name, reason, where in unmatched if name not in bad]
     for g in ctx.groups:
-        COUNTERS[f"group_{g.kind}"] += 1
-    COUNTERS["units_skipped"] += len(ctx.units) - len(grouped)
+        counters["sparselora"][f"group_{g.kind}"] += 1
+    counters["sparselora"]["units_skipped"] += len(ctx.units) - len(grouped)
 
 
 def _ungrouped_reason(unit: LoraUnit) -> str:
-    from . import graph_ops as ops
-
     if unit.part is not None:
         return (f"part {unit.part.offset}:{unit.part.offset + unit.part.width} of fused projection "
                 f"`{unit.part.parent.fqn}`: not part of any provable MLP or attention group; it runs dense")
     for user in unit.output.users:
-        if ops.is_call(user, {torch.chunk, torch.split}, {"chunk", "split", "unbind"}):
+        if ops.is_call(user, ops.SPLIT_FNS_WITH_UNBIND, ops.SPLIT_METHODS_WITH_UNBIND):
             return "fused projection (output split into parts) whose parts could not be grouped; it runs dense"
     return "not part of any provable MLP or attention group"
 
 
 def pass_plan(ctx: PassContext) -> None:
     """Turn the policy into per-group sparsity, keep counts and estimators."""
-    layer = getattr(ctx.settings, "layer", None)
+    layer = ctx.settings.layer
     ctx.plan = make_plan(ctx.groups, ctx.settings.policy, ctx.settings.estimator_rank, ctx.sparse_enabled,
                          layer=layer)
     note = layer_binding_note(ctx.groups, ctx.settings.policy, layer, ctx.plan)
@@ -97,13 +104,13 @@ def pass_plan(ctx: PassContext) -> None:
         warnings.warn(f"sparselora: {note}", stacklevel=2)
         log.warning("sparselora: %s", note)
         ctx.notes.append(note)
+    if ctx.sparse_enabled and ctx.groups:  # once per backend call: rules the graph proves select nothing
+        names = list(dict.fromkeys([u.fqn for u in ctx.units] + [u.fqn for g in ctx.groups for u in g.units]))
+        ctx.notes += check_policy(ctx.gm, names, ctx.settings.policy, layer)
 
 
 def pass_prepare_estimators(ctx: PassContext) -> None:
     """Build the SVD estimators' factors now (progress bar) when the weights' values are at hand."""
-    from ..runtime.factor_cache import cache_stats, prepare_factors
-    from .rewrite import oriented_weight, real_weights
-
     if ctx.plan is None:
         return
     real = real_weights(ctx.gm, ctx.example_inputs)
@@ -120,7 +127,7 @@ def pass_prepare_estimators(ctx: PassContext) -> None:
     before = cache_stats()
     for rank, weights in by_rank.items():
         usable = prepare_factors(weights, rank, progress=ctx.settings.progress)
-        COUNTERS["factors_prepared"] += sum(usable.values())
+        counters["sparselora"]["factors_prepared"] += sum(usable.values())
     if by_rank:
         after = cache_stats()
         ctx.notes.append(f"SVD estimator factors for {sum(len(w) for w in by_rank.values())} weights: "
@@ -131,13 +138,11 @@ def pass_prepare_estimators(ctx: PassContext) -> None:
 
 def pass_rewrite(ctx: PassContext) -> None:
     """Write the plan into the graph (estimator -> top-k -> gather ops)."""
-    from .rewrite import rewrite_graph
-
     assert ctx.plan is not None
     if not ctx.sparse_enabled:
         return
     ctx.rewritten = rewrite_graph(ctx.gm, ctx.plan, ctx.example_inputs, ctx.skipped)
-    COUNTERS["groups_rewritten"] += ctx.rewritten
+    counters["sparselora"]["groups_rewritten"] += ctx.rewritten
 
 
 @dataclass(frozen=True)

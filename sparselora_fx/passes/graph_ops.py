@@ -18,14 +18,72 @@ from torch.fx import Node
 LINEAR_FNS = {F.linear}  # the same object as torch._C._nn.linear, which Dynamo records
 MATMUL_FNS = {torch.matmul, operator.matmul, torch.mm, torch.bmm}
 MATMUL_METHODS = {"matmul", "mm", "__matmul__"}
+ADDMM_FNS = {torch.addmm}
 ADD_FNS = {operator.add, operator.iadd, torch.add}
 ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
 MUL_FNS = {operator.mul, operator.imul, torch.mul}
 MUL_METHODS = {"mul", "mul_", "__mul__"}
+DIV_FNS = {operator.truediv, operator.itruediv, torch.div, torch.true_divide}
+DIV_METHODS = {"div", "div_", "true_divide", "__truediv__"}
+NEG_FNS = {operator.neg, torch.neg}
+NEG_METHODS = {"neg", "__neg__"}
 DROPOUT_FNS = {F.dropout, torch.dropout, torch.nn.functional.dropout}
 CAST_METHODS = {"to", "type", "float", "half", "bfloat16", "double", "type_as"}
 CONTIGUOUS_METHODS = {"contiguous", "clone"}
-TRANSPOSE_METHODS = {"t", "transpose", "permute"}
+DETACH_FNS = {torch.detach}
+DETACH_METHODS = {"detach"}
+
+# Shape ops. Conv1D's matcher (``as_linear``) keeps to RESHAPE_*, the spelling transformers uses
+# and the rewrite's token split (which copies and skips those views) was written for.
+RESHAPE_FNS = {torch.reshape}
+RESHAPE_METHODS = {"view", "reshape"}
+VIEW_FNS = RESHAPE_FNS | {torch.flatten, torch.unflatten}
+VIEW_METHODS = RESHAPE_METHODS | {"flatten", "unflatten"}
+UNSQUEEZE_FNS = {torch.unsqueeze}
+UNSQUEEZE_METHODS = {"unsqueeze"}
+EXPAND_METHODS = {"expand"}
+REPEAT_INTERLEAVE_FNS = {torch.repeat_interleave}
+REPEAT_INTERLEAVE_METHODS = {"repeat_interleave"}
+TRANSPOSE_FNS = {torch.transpose, torch.permute, torch.swapaxes, torch.swapdims}
+TRANSPOSE_METHODS = {"t", "transpose", "permute", "swapaxes", "swapdims"}
+CAT_FNS = {torch.cat, torch.concat, torch.concatenate}
+STACK_FNS = {torch.stack}
+CHUNK_FNS = {torch.chunk}
+CHUNK_METHODS = {"chunk"}
+# Splits whose pieces keep the split dim (``units.last_dim_piece`` reads their bounds); unbind
+# drops the dim, so only the WITH_UNBIND sets, which ask "is this a piece of a split", include it.
+SPLIT_FNS = {torch.chunk, torch.split, torch.tensor_split}
+SPLIT_METHODS = {"chunk", "split", "tensor_split", "split_with_sizes"}
+SPLIT_FNS_WITH_UNBIND = SPLIT_FNS | {torch.unbind}
+SPLIT_METHODS_WITH_UNBIND = SPLIT_METHODS | {"unbind"}
+EMPTY_CONST_FNS = {torch.tensor, torch.empty, torch.zeros}
+MASKED_FILL_FNS = {torch.masked_fill}
+MASKED_FILL_METHODS = {"masked_fill"}
+
+# Reductions and norms. REDUCE_* are the last-dim statistics a per-head norm is built from;
+# VECTOR_NORM_* the norms DoRA divides its magnitude by; NORM_LAYER_FNS the normalisation layers.
+REDUCE_FNS = {torch.mean, torch.sum, torch.var, torch.std, torch.norm, torch.linalg.vector_norm, torch.amax}
+REDUCE_METHODS = {"mean", "sum", "var", "std", "norm", "amax"}
+VECTOR_NORM_FNS = {torch.norm, torch.linalg.norm, torch.linalg.vector_norm, torch.Tensor.norm}
+VECTOR_NORM_METHODS = {"norm"}
+NORM_LAYER_FNS = {F.layer_norm, F.rms_norm, F.group_norm}
+
+SOFTMAX_FNS = {F.softmax, torch.softmax, torch.nn.functional.softmax}
+SOFTMAX_METHODS = {"softmax"}
+# Logit soft-capping c * tanh(s / c) (Gemma2) between the score matmul and the softmax. Q/K stays
+# sparse under it: the criterion bounds the error dropped head dims add to the raw logit s, and
+# s -> c * tanh(s / c) is monotone and 1-Lipschitz, so the capped logit's error is never larger.
+SOFTCAP_FNS = {torch.tanh}
+SOFTCAP_METHODS = {"tanh"}
+
+# Ops an activation written out as a formula may use (``0.5 * x * (1 + tanh(c * (x + a * x**3))))``);
+# groups.formula_activation evaluates the formula on a probe to name the activation.
+FORMULA_FNS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
+               torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.tanh, torch.sigmoid,
+               torch.exp, torch.erf, torch.sqrt, torch.rsqrt, torch.square}
+FORMULA_METHODS = {"add", "sub", "mul", "div", "neg", "pow", "tanh", "sigmoid", "exp", "erf", "sqrt", "rsqrt",
+                   "square", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
+                   "__truediv__", "__pow__", "__neg__"}
 
 # Graph spellings of the activations the selection ops score (runtime.selection.ACTIVATIONS); each
 # maps 0 to 0, so padding adds nothing to a score. Others (sigmoid, tanh) leave the MLP ungrouped.
@@ -150,19 +208,15 @@ def _transpose_source(node: Any) -> Node | None:
     return None
 
 
-VIEW_METHODS = {"view", "reshape"}
-ADDMM_FNS = {torch.addmm}
-
-
 def _conv1d(node: Node) -> LinearCall | None:
     """transformers' ``Conv1D``: ``addmm(b, x.view(-1, in), W).view(*x.shape[:-1], out)``, W stored [in, out]."""
-    if not is_call(node, {torch.reshape}, VIEW_METHODS) or not node.args:
+    if not is_call(node, RESHAPE_FNS, RESHAPE_METHODS) or not node.args:
         return None
     mm = node.args[0]
     if not is_call(mm, ADDMM_FNS) or len(mm.args) != 3 or mm.kwargs or len(mm.users) != 1:
         return None
     bias, flat, w = mm.args
-    if not (isinstance(flat, Node) and isinstance(w, Node) and is_call(flat, {torch.reshape}, VIEW_METHODS)):
+    if not (isinstance(flat, Node) and isinstance(w, Node) and is_call(flat, RESHAPE_FNS, RESHAPE_METHODS)):
         return None
     x = flat.args[0] if flat.args else None
     x_val, w_val, out_val = example_value(x), example_value(w), example_value(node)

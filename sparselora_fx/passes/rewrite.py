@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Graph, GraphModule, Node
 
-from .groups import Group, Skipped
+from .analyse.groups import Group, Skipped
 from .plan import GroupPlan, Plan
 from .tokens import Budget, TokenSplit, drop_markers, find_output_tokens, insert_token_split, merge_rows, take_rows
-from .units import FusedPart, LoraUnit, Scope
+from .analyse.units import FusedPart, LoraUnit, Scope
+from .weights import real_weights
 
 log = logging.getLogger("sparselora_fx")
 
@@ -61,21 +62,6 @@ def _oriented(graph: Graph, unit: LoraUnit) -> tuple[Node, Node | None]:
     return _part_rows_of(graph, part, w), (_part_rows_of(graph, part, b) if b is not None else None)
 
 
-def oriented_weight(unit: LoraUnit, weight: torch.Tensor) -> torch.Tensor:
-    """The value ``_oriented`` gives the sparse ops for ``unit``, from the frozen weight's value.
-
-    Why: estimator factors are keyed by the values of exactly that tensor, so they can be built
-    at compile time (``pass_prepare_estimators``) rather than on the first step.
-    """
-    w = weight.t() if unit.base.weight_transposed else weight
-    part = unit.part
-    if part is None:
-        return w
-    if part.block == part.width:
-        return w[part.offset:part.offset + part.width]
-    return w.unflatten(0, (-1, part.period))[:, part.offset:part.offset + part.block].flatten(0, 1)
-
-
 def _part_rows_of(graph: Graph, part: FusedPart, t: Node) -> Node:
     """``t``'s rows (dim 0) that belong to ``part``: ``t[offset:offset + width]`` for a contiguous
     part, else ``t.unflatten(0, (-1, period))[:, offset:offset + block].flatten(0, 1)``."""
@@ -84,6 +70,99 @@ def _part_rows_of(graph: Graph, part: FusedPart, t: Node) -> Node:
     grouped = graph.call_function(torch.unflatten, (t, 0, (-1, part.period)))
     rows = graph.call_function(operator.getitem, (grouped, (slice(None), slice(part.offset, part.offset + part.block))))
     return graph.call_function(torch.flatten, (rows, 0, 1))
+
+
+def _selection_bias(graph: Graph, unit: LoraUnit, b: Node | None) -> Node | None:
+    """The bias the selection op scores with: ``b`` (the linear's own) plus every bias added after
+    the frozen product (``unit.post``), so ``y = x @ W.T; y = y + b`` selects as ``F.linear(x, W, b)``.
+
+    Built from the biases' graph inputs (a cast of one may be computed after the selection point),
+    cast to the weight's dtype; a part of a fused projection takes its rows.
+    """
+    from . import graph_ops
+
+    extra = [p.operand for p in unit.post if p.kind == "bias"]
+    if not extra:
+        return b
+    dtype = getattr(graph_ops.example_value(unit.weight), "dtype", None)
+    total = b
+    for operand in extra:
+        src = operand
+        while graph_ops.is_dtype_cast(src):
+            src = src.args[0]
+        src_dtype = getattr(graph_ops.example_value(src), "dtype", dtype)
+        if src.op == "get_attr":  # may sit after the selection point: read it again here
+            src = graph.get_attr(src.target)
+        if dtype is not None and src_dtype != dtype:
+            src = graph.call_method("to", (src, dtype))
+        if unit.part is not None:
+            src = _part_rows_of(graph, unit.part, src)
+        total = src if total is None else graph.call_function(torch.add, (total, src))
+    return total
+
+
+def _narrow_post(graph: Graph, unit: LoraUnit, rows: Node) -> None:
+    """The product now holds only channels ``rows``: each ``[out]`` operand of the ops after it (a
+    bias add, a per-channel scale) becomes ``operand[rows]``, so kept channels get the same values."""
+    for p in unit.post:
+        if p.vector:
+            with graph.inserting_before(p.node):
+                kept = graph.call_function(torch.index_select, (p.operand, 0, rows))
+            p.node.replace_input_with(p.operand, kept)
+
+
+def _masked(graph: Graph, vec: Node, idx: Node) -> Node:
+    """``vec`` with every channel outside ``idx`` zero."""
+    zeros = graph.call_function(torch.zeros_like, (vec,))
+    return graph.call_method("index_copy", (zeros, 0, idx, graph.call_function(torch.index_select, (vec, 0, idx))))
+
+
+def _scatter_base(graph: Graph, unit: LoraUnit, x: Any, w: Node, idx: Node, b: Node | None,
+                  split: TokenSplit | None) -> None:
+    """Swap the frozen product for its rows ``idx`` scattered to full width (dropped channels zero).
+
+    The ops after the product (``unit.post``) stay exact: a bias added there is masked to the kept
+    channels (a dropped channel stays zero, as when the bias sits inside ``rows_linear_scatter``);
+    a scale or cast keeps zeros zero. Under a token split the dense tokens need the whole bias, so
+    the post ops are copied into each token set's computation.
+    """
+    ops = _ops()
+    biased = [p for p in unit.post if p.kind == "bias"]
+    if split is not None and biased:
+        last = unit.post[-1].node
+
+        def chain(y: Node, mask: bool) -> Node:
+            prev = unit.base.node
+            for p in unit.post:
+                operand = _masked(graph, p.operand, idx) if mask and p.kind == "bias" else p.operand
+                y = graph.node_copy(p.node, lambda a, prev=prev, y=y, p=p, operand=operand:
+                                    y if a is prev else (operand if a is p.operand else a))
+                prev = p.node
+            return y
+
+        with graph.inserting_before(last):
+            new = _split_linear(graph, split, x, lambda r: chain(graph.call_function(F.linear, (r, w, b)), False),
+                                lambda r: chain(graph.call_function(ops.rows_linear_scatter.default,
+                                                                    (r, w, idx, b)), True))
+        last.replace_all_uses_with(new)
+        for p in reversed(unit.post):
+            graph.erase_node(p.node)
+        graph.erase_node(unit.base.node)
+        for node in reversed(unit.base.inner):
+            if not node.users:
+                graph.erase_node(node)
+        return
+    with graph.inserting_before(unit.base.node):
+        if split is None:
+            new = graph.call_function(ops.rows_linear_scatter.default, (x, w, idx, b))
+        else:
+            new = _split_linear(graph, split, x, lambda r: graph.call_function(F.linear, (r, w, b)),
+                                lambda r: graph.call_function(ops.rows_linear_scatter.default, (r, w, idx, b)))
+    _replace_base(unit, new)
+    for p in biased:
+        with graph.inserting_before(p.node):
+            kept = _masked(graph, p.operand, idx)
+        p.node.replace_input_with(p.operand, kept)
 
 
 def _fused_rows(graph: Graph, part: FusedPart, idx: Node) -> Node:
@@ -147,12 +226,7 @@ class FusedRewrites:
                 idx = graph.call_function(operator.getitem, (graph.call_function(torch.sort, (idx,)), 0))
                 w, b = _oriented(graph, parent)
                 x = _compute_input(parent)
-                if split is None:
-                    new = graph.call_function(ops.rows_linear_scatter.default, (x, w, idx, b))
-                else:
-                    new = _split_linear(graph, split, x, lambda r: graph.call_function(F.linear, (r, w, b)),
-                                        lambda r: graph.call_function(ops.rows_linear_scatter.default, (r, w, idx, b)))
-            _replace_base(parent, new)
+            _scatter_base(graph, parent, x, w, idx, b, split)
 
 
 def _example_device(unit: LoraUnit) -> torch.device:
@@ -291,9 +365,11 @@ def _rewrite_mlp(gp: GroupPlan, mask: Node | None, split: TokenSplit | None = No
     with graph.inserting_before(anchor):
         w1, b1 = _oriented(graph, first)
         w2, b2 = _oriented(graph, second) if second is not None else (None, None)
+        s1 = _selection_bias(graph, first, b1)
+        s2 = _selection_bias(graph, second, b2) if second is not None else None
         idx = graph.call_function(
             ops.select_mlp.default,
-            (x, w1, b1, w2, b2, mask, gp.keep, group.act, *_estimator_args(gp)),
+            (x, w1, s1, w2, s2, mask, gp.keep, group.act, *_estimator_args(gp)),
         )
     if first.part is not None:
         _rows_fused_mlp(graph, [u for u in (first, second) if u is not None], idx, gp.keep)
@@ -303,6 +379,7 @@ def _rewrite_mlp(gp: GroupPlan, mask: Node | None, split: TokenSplit | None = No
         with graph.inserting_before(unit.base.node):
             new = graph.call_function(ops.rows_linear.default, (_compute_input(unit), w, idx, b))
         _replace_base(unit, new)
+        _narrow_post(graph, unit, idx)
         _slice_lora(graph, unit, idx, "out")
     with graph.inserting_before(down.base.node):
         wd, bd = _oriented(graph, down)
@@ -324,6 +401,7 @@ def _rows_fused_mlp(graph: Graph, parts: list[LoraUnit], idx: Node, keep: int) -
         w, b = _oriented(graph, parent)
         new = graph.call_function(ops.rows_linear.default, (_compute_input(parent), w, rows, b))
     _replace_base(parent, new)
+    _narrow_post(graph, parent, rows)
     _slice_lora(graph, parent, rows, "out")
     old_splits = {u.part.piece.args[0] for u in parts} - {parent.output}  # type: ignore[union-attr]
     with graph.inserting_after(parent.output):
@@ -350,23 +428,15 @@ def _rewrite_vo(gp: GroupPlan, mask: Node | None, split: TokenSplit | None = Non
         wv, bv = _oriented(graph, v)
         sel = graph.call_function(
             ops.select_vo.default,
-            (v.base.input, wv, bv, mask, gp.keep, group.num_heads, group.num_kv_heads, group.head_dim,
-             *_estimator_args(gp)),
+            (v.base.input, wv, _selection_bias(graph, v, bv), mask, gp.keep, group.num_heads, group.num_kv_heads,
+             group.head_dim, *_estimator_args(gp)),
         )
         idx_v = graph.call_function(operator.getitem, (sel, 0))
         idx_o = graph.call_function(operator.getitem, (sel, 1))
-        if v.part is not None:
-            new_v = None
-        elif split is None:
-            new_v = graph.call_function(ops.rows_linear_scatter.default, (v.base.input, wv, idx_v, bv))
-        else:
-            new_v = _split_linear(
-                graph, split, v.base.input, lambda r: graph.call_function(F.linear, (r, wv, bv)),
-                lambda r: graph.call_function(ops.rows_linear_scatter.default, (r, wv, idx_v, bv)))
-    if new_v is None:
+    if v.part is not None:
         fused.add(v, idx_v, split)  # type: ignore[union-attr]
     else:
-        _replace_base(v, new_v)
+        _scatter_base(graph, v, v.base.input, wv, idx_v, bv, split)
     with graph.inserting_before(o.base.node):
         wo, bo = _oriented(graph, o)
         if split is None:
@@ -399,9 +469,10 @@ def _rewrite_qk(gp: GroupPlan, mask: Node | None, split: TokenSplit | None = Non
     with graph.inserting_before(anchor):
         wq, bq = _oriented(graph, q)
         wk, bk = _oriented(graph, k)
+        sq, sk = _selection_bias(graph, q, bq), _selection_bias(graph, k, bk)
         sel = graph.call_function(
             ops.select_qk.default,
-            (q.base.input, wq, bq, k.base.input, wk, bk, mask, gp.keep, gp.keep_pass, group.num_heads,
+            (q.base.input, wq, sq, k.base.input, wk, sk, mask, gp.keep, gp.keep_pass, group.num_heads,
              group.num_kv_heads, group.head_dim, group.rope, rotary_dim, *_estimator_args(gp)),
         )
         idx_q = graph.call_function(operator.getitem, (sel, 0))
@@ -410,16 +481,7 @@ def _rewrite_qk(gp: GroupPlan, mask: Node | None, split: TokenSplit | None = Non
         if unit.part is not None:
             fused.add(unit, idx, split)  # type: ignore[union-attr]
             continue
-        with graph.inserting_before(unit.base.node):
-            if split is None:
-                new = graph.call_function(ops.rows_linear_scatter.default, (unit.base.input, w, idx, b))
-            else:
-                new = _split_linear(
-                    graph, split, unit.base.input,
-                    lambda r, w=w, b=b: graph.call_function(F.linear, (r, w, b)),
-                    lambda r, w=w, i=idx, b=b: graph.call_function(
-                        ops.rows_linear_scatter.default, (r, w, i, b)))
-        _replace_base(unit, new)
+        _scatter_base(graph, unit, unit.base.input, w, idx, b, split)
 
 
 def _check_fused(group: Group, split: TokenSplit | None, fused: FusedRewrites | None) -> None:
@@ -442,18 +504,6 @@ REWRITERS: dict[str, Callable[..., None]] = {
 }
 
 
-def real_weights(gm: GraphModule, example_inputs: list[Any]) -> dict[Node, torch.Tensor]:
-    """Top-level placeholders whose example input is a real tensor with values (parameters under
-    inlined nn modules); fake or meta inputs (DDP pieces, export) are left out."""
-    from ..runtime.factor_cache import has_values
-
-    def real(v: Any) -> bool:
-        return isinstance(v, torch.Tensor) and has_values(v, at_compile_time=True)
-
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    return {n: v for n, v in zip(placeholders, example_inputs) if real(v)}
-
-
 def _check_finite(gp: GroupPlan, real: dict[Node, torch.Tensor]) -> None:
     """A frozen weight holding NaN/Inf has no usable estimator factors: its group stays dense."""
     for u in gp.group.units:
@@ -473,6 +523,12 @@ def _check(gp: GroupPlan, real: dict[Node, torch.Tensor] | None = None) -> None:
         w = u.weight.meta.get("example_value")
         if isinstance(w, torch.Tensor) and w.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             raise CannotRewrite(f"{u.fqn} has a {w.dtype} weight (quantized bases stay dense)")
+    for u in group.units:
+        scale = next((p for p in u.post if p.kind == "scale"), None)
+        if scale is not None and u.role not in ("down", "fc2", "o"):
+            raise CannotRewrite(
+                f"{u.fqn}'s output is scaled by `{scale.node.name}` between its base product and its LoRA sum; "
+                "the channel selection scores the unscaled product, so it could not pick the largest channels")
     if group.kind in ("attn_qk", "attn_vo") and not (group.num_heads and group.num_kv_heads and group.head_dim):
         raise CannotRewrite("the head layout was not read off the graph")
     if real:

@@ -34,8 +34,10 @@ from typing import ClassVar
 
 import torch
 
+from .. import estimator_registry
 from ..errors import OptionsError
-from . import factor_cache
+from .. import factor_cache
+from ..policy import describe_estimator  # the policy owns the text of an estimator spec
 
 __all__ = [
     "Estimator",
@@ -323,14 +325,16 @@ def reset_random_estimators() -> None:
     _random_generator.cache_clear()
 
 
-_REGISTRY: dict[str, type[Estimator]] = {}
-
-
 def register_estimator(cls: type[Estimator]) -> type[Estimator]:
-    """Add an estimator class (a frozen dataclass with a `kind`) to the registry."""
+    """Add an estimator class (a frozen dataclass with a `kind`) to the registry.
+
+    The registry is `sparselora_fx.estimator_registry`, which the policy reads too: once
+    registered, the kind can be named in a policy's `estimator` entry, with those of rank,
+    samples, seed, fraction the class takes as fields (a built-in kind keeps its knobs).
+    """
     if not (isinstance(cls, type) and issubclass(cls, Estimator)):
         raise OptionsError(f"register_estimator: {cls!r} is not an Estimator subclass.")
-    _REGISTRY[cls.kind] = cls
+    estimator_registry.register(cls.kind, cls)
     return cls
 
 
@@ -339,31 +343,27 @@ register_estimator(TokenSampleEstimator)
 register_estimator(RandomEstimator)
 
 
-def describe_estimator(kind: str, rank: int | None = None, samples: int | None = None,
-                       fraction: float | None = None) -> str:
-    """Short text for tables: `svd:8`, `token_sample:120`, `token_sample:64+3%`, `random`."""
-    if kind == "svd":
-        return f"svd:{rank}"
-    if kind == "token_sample":
-        return f"token_sample:{samples}" + (f"+{100 * fraction:g}%" if fraction else "")
-    return kind
+def _registered() -> dict[str, type[Estimator]]:
+    """Kind -> class, for every kind bound to a class (all built-ins once this module is imported)."""
+    entries = (estimator_registry.lookup(k) for k in estimator_registry.kinds())
+    return {e.name: e.factory for e in entries if e is not None and e.factory is not None}
 
 
 def estimator_kinds() -> tuple[str, ...]:
     """The registered estimator kinds, sorted."""
-    return tuple(sorted(_REGISTRY))
+    return tuple(sorted(_registered()))
 
 
 def _param_names() -> set[str]:
     names: set[str] = set()
-    for cls in _REGISTRY.values():
+    for cls in _registered().values():
         names.update(f.name for f in dataclasses.fields(cls) if f.init and not f.name.startswith("_"))
     return names
 
 
 @functools.lru_cache(maxsize=256)
-def _build(kind: str, items: tuple[tuple[str, object], ...]) -> Estimator:
-    cls = _REGISTRY[kind]
+def _build(cls: type[Estimator], items: tuple[tuple[str, object], ...]) -> Estimator:
+    # Keyed on the class, not the kind: a kind registered again builds its new class.
     own = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in items if k in own})
 
@@ -375,7 +375,8 @@ def get_estimator(kind: str, **params: int | float) -> Estimator:
     knobs to every kind); names no kind knows, non-integers or values < 1 (rank, samples), a
     fraction outside [0, 1] are errors, as is an unknown kind.
     """
-    if kind not in _REGISTRY:
+    entry = estimator_registry.lookup(kind)
+    if entry is None or entry.factory is None:
         raise OptionsError(
             f"unknown estimator {kind!r}; known estimators: {', '.join(estimator_kinds())}. "
             "Set the estimator option / policy entry to one of these."
@@ -404,4 +405,4 @@ def get_estimator(kind: str, **params: int | float) -> Estimator:
             )
     if "fraction" in params:
         params = {**params, "fraction": float(params["fraction"])}
-    return _build(kind, tuple(sorted(params.items())))
+    return _build(entry.factory, tuple(sorted(params.items())))

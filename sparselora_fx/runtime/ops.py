@@ -5,7 +5,7 @@ would save the gathered weight `W[idx]` for backward (gigabytes at 8B scale). Th
 only `(weight, idx)` and gather again inside the backward op (the Triton kernels read by index
 and copy nothing), so FLOPs, saved memory and fake-tensor shapes stay exactly what is executed.
 On CPU (and wherever the Triton path is off) Inductor calls each as one extern op; on CUDA a
-compiled graph gets the Triton kernel itself in place of the op (runtime/lowering.py).
+compiled graph gets the Triton kernel itself in place of the op (passes/lower.py).
 
 Ops (namespace `sparselora`; `OPS` lists them):
 
@@ -30,14 +30,13 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, NoReturn, Optional
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from sparselora_fx.errors import SparseLoRAError
-from sparselora_fx.runtime import lowering as _lowering
+from sparselora_fx.runtime import checks
 
 __all__ = [
     "OPS",
@@ -49,7 +48,7 @@ __all__ = [
     "rows_linear_scatter",
 ]
 
-NAMESPACE = "sparselora"
+NAMESPACE = checks.NAMESPACE
 
 #: Names of the ops this module registers under `torch.ops.sparselora` (for docs and checks).
 OPS: tuple[str, ...] = (
@@ -61,7 +60,6 @@ OPS: tuple[str, ...] = (
     "cols_linear_dx",
 )
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # fp64 always takes the torch path: the Triton kernels target training dtypes.
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -96,93 +94,6 @@ def _kernels_for(device: torch.device, dtype: torch.dtype) -> Optional[ModuleTyp
     return gather_gemm if kernels.kernels_enabled(device) else None
 
 
-# --------------------------------------------------------------------------- validation
-
-
-def _fail(op: str, what: str, fix: str) -> NoReturn:
-    raise SparseLoRAError(f"{NAMESPACE}::{op}: {what}. {fix}")
-
-
-def _check_weight_idx(op: str, x: Tensor, weight: Tensor, idx: Tensor, x_name: str = "x") -> None:
-    """Checks shared by every op; run by the real and the fake kernels alike."""
-    if weight.dim() != 2:
-        _fail(op, f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}",
-              "Pass the frozen nn.Linear weight itself.")
-    if x.dim() < 1:
-        _fail(op, f"{x_name} must have at least one dimension, got a scalar",
-              f"Pass {x_name} as [..., features].")
-    if x.dtype not in _FLOAT_DTYPES:
-        _fail(op, f"{x_name} has dtype {x.dtype}; supported: fp16, bf16, fp32, fp64",
-              f"Cast {x_name} to a floating dtype.")
-    if x.dtype != weight.dtype:
-        _fail(op, f"{x_name} is {x.dtype} but weight is {weight.dtype}",
-              f"Cast {x_name} to the weight's dtype before the call "
-              "(autocast does not cast custom ops).")
-    if x.device != weight.device:
-        _fail(op, f"{x_name} is on {x.device} but weight is on {weight.device}",
-              f"Move {x_name} and weight to the same device.")
-    if idx.dtype != torch.int64:
-        _fail(op, f"idx has dtype {idx.dtype}, expected torch.int64",
-              "Pass channel indices as int64 (e.g. the indices of torch.topk).")
-    if idx.dim() != 1:
-        _fail(op, f"idx must be 1-D [k], got shape {tuple(idx.shape)}",
-              "Pass one flat list of channel indices per weight.")
-    if idx.device != weight.device:
-        _fail(op, f"idx is on {idx.device} but weight is on {weight.device}",
-              "Build idx on the weight's device (e.g. idx.to(weight.device)).")
-    k = idx.shape[0]
-    # A symbolic k is never 0 (Dynamo specialises sizes 0 and 1), so this check is static.
-    if isinstance(k, int) and k == 0:
-        _fail(op, "idx is empty (k = 0 kept channels)",
-              "Keep at least one channel, or skip the layer: a fully sparse layer is a zero "
-              "output and needs no op.")
-
-
-def _check_last_dim(op: str, t: Tensor, name: str, expected: Any, what: str) -> None:
-    if t.shape[-1] != expected:
-        _fail(op, f"{name} has last dimension {t.shape[-1]} but {what} is {expected}",
-              f"Pass {name} with shape [..., {expected}].")
-
-
-def _check_bias(op: str, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
-    if bias is None:
-        return
-    if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
-        _fail(op, f"bias has shape {tuple(bias.shape)}, expected [{weight.shape[0]}]",
-              "Pass the full (un-gathered) bias of the linear layer, or None.")
-    if bias.dtype != x.dtype or bias.device != x.device:
-        _fail(op, f"bias is {bias.dtype} on {bias.device} but x is {x.dtype} on {x.device}",
-              "Cast and move bias to match x and weight.")
-
-
-def _check_rows(op: str, x: Tensor, weight: Tensor, idx: Tensor, bias: Optional[Tensor]) -> None:
-    _check_weight_idx(op, x, weight, idx)
-    _check_last_dim(op, x, "x", weight.shape[1], "weight's in_features")
-    _check_bias(op, x, weight, bias)
-
-
-def _check_cols_kept(op: str, x: Tensor, weight: Tensor, idx: Tensor, x_name: str = "x") -> None:
-    _check_weight_idx(op, x, weight, idx, x_name)
-    _check_last_dim(op, x, x_name, idx.shape[0], "the number of kept channels len(idx)")
-
-
-def _check_cols_full(op: str, x: Tensor, weight: Tensor, idx: Tensor, x_name: str = "x") -> None:
-    _check_weight_idx(op, x, weight, idx, x_name)
-    _check_last_dim(op, x, x_name, weight.shape[1], "weight's in_features")
-
-
-def _check_rows_dx(grad: Tensor, weight: Tensor, idx: Tensor, in_features: int) -> None:
-    _check_cols_kept("rows_linear_dx", grad, weight, idx, "grad")
-    if in_features != weight.shape[1]:
-        _fail("rows_linear_dx", f"in_features is {in_features} but weight has "
-              f"{weight.shape[1]} input features", "Pass weight.shape[1].")
-
-
-def _check_cols_dx(grad: Tensor, weight: Tensor, idx: Tensor) -> None:
-    _check_weight_idx("cols_linear_dx", grad, weight, idx, "grad")
-    _check_last_dim("cols_linear_dx", grad, "grad", weight.shape[0], "weight's out_features")
-
-
 # --------------------------------------------------------------------------- real kernels
 # Each works on a 2-D view [M, features] and restores the leading dimensions at the end; the
 # gathered weight inside the torch path is a temporary of the forward, never saved.
@@ -204,7 +115,7 @@ def _rows_values(x2d: Tensor, weight: Tensor, idx: Tensor, bias: Optional[Tensor
 
 
 def _rows_linear_impl(x: Tensor, weight: Tensor, idx: Tensor, bias: Optional[Tensor]) -> Tensor:
-    _check_rows("rows_linear", x, weight, idx, bias)
+    checks.check_rows("rows_linear", x, weight, idx, bias)
     kernels = _kernels_for(x.device, x.dtype)
     if kernels is not None:
         return _unflat(kernels.rows_gemm(_flat(x).contiguous(), weight, idx, bias), x)
@@ -214,7 +125,7 @@ def _rows_linear_impl(x: Tensor, weight: Tensor, idx: Tensor, bias: Optional[Ten
 def _rows_linear_scatter_impl(
     x: Tensor, weight: Tensor, idx: Tensor, bias: Optional[Tensor]
 ) -> Tensor:
-    _check_rows("rows_linear_scatter", x, weight, idx, bias)
+    checks.check_rows("rows_linear_scatter", x, weight, idx, bias)
     kernels = _kernels_for(x.device, x.dtype)
     x2d = _flat(x)
     if kernels is not None:
@@ -225,7 +136,7 @@ def _rows_linear_scatter_impl(
 
 
 def _cols_linear_impl(x: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
-    _check_cols_kept("cols_linear", x, weight, idx)
+    checks.check_cols_kept("cols_linear", x, weight, idx)
     kernels = _kernels_for(x.device, x.dtype)
     if kernels is not None:
         return _unflat(kernels.cols_gemm(_flat(x).contiguous(), weight, idx), x)
@@ -233,7 +144,7 @@ def _cols_linear_impl(x: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
 
 
 def _cols_linear_gather_impl(x: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
-    _check_cols_full("cols_linear_gather", x, weight, idx)
+    checks.check_cols_full("cols_linear_gather", x, weight, idx)
     x_kept = _flat(x).index_select(1, idx)
     kernels = _kernels_for(x.device, x.dtype)
     if kernels is not None:
@@ -242,7 +153,7 @@ def _cols_linear_gather_impl(x: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
 
 
 def _rows_linear_dx_impl(grad: Tensor, weight: Tensor, idx: Tensor, in_features: int) -> Tensor:
-    _check_rows_dx(grad, weight, idx, in_features)
+    checks.check_rows_dx(grad, weight, idx, in_features)
     kernels = _kernels_for(grad.device, grad.dtype)
     if kernels is not None:
         return _unflat(kernels.rows_gemm_dx(_flat(grad).contiguous(), weight, idx), grad)
@@ -250,7 +161,7 @@ def _rows_linear_dx_impl(grad: Tensor, weight: Tensor, idx: Tensor, in_features:
 
 
 def _cols_linear_dx_impl(grad: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
-    _check_cols_dx(grad, weight, idx)
+    checks.check_cols_dx(grad, weight, idx)
     kernels = _kernels_for(grad.device, grad.dtype)
     if kernels is not None:
         return _unflat(kernels.cols_gemm_dx(_flat(grad).contiguous(), weight, idx), grad)
@@ -262,34 +173,34 @@ def _cols_linear_dx_impl(grad: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
 
 
 def _rows_linear_fake(x: Tensor, weight: Tensor, idx: Tensor, bias: Optional[Tensor]) -> Tensor:
-    _check_rows("rows_linear", x, weight, idx, bias)
+    checks.check_rows("rows_linear", x, weight, idx, bias)
     return x.new_empty((*x.shape[:-1], idx.shape[0]))
 
 
 def _rows_linear_scatter_fake(
     x: Tensor, weight: Tensor, idx: Tensor, bias: Optional[Tensor]
 ) -> Tensor:
-    _check_rows("rows_linear_scatter", x, weight, idx, bias)
+    checks.check_rows("rows_linear_scatter", x, weight, idx, bias)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def _cols_linear_fake(x: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
-    _check_cols_kept("cols_linear", x, weight, idx)
+    checks.check_cols_kept("cols_linear", x, weight, idx)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def _cols_linear_gather_fake(x: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
-    _check_cols_full("cols_linear_gather", x, weight, idx)
+    checks.check_cols_full("cols_linear_gather", x, weight, idx)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def _rows_linear_dx_fake(grad: Tensor, weight: Tensor, idx: Tensor, in_features: int) -> Tensor:
-    _check_rows_dx(grad, weight, idx, in_features)
+    checks.check_rows_dx(grad, weight, idx, in_features)
     return grad.new_empty((*grad.shape[:-1], in_features))
 
 
 def _cols_linear_dx_fake(grad: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
-    _check_cols_dx(grad, weight, idx)
+    checks.check_cols_dx(grad, weight, idx)
     return grad.new_empty((*grad.shape[:-1], idx.shape[0]))
 
 
@@ -302,7 +213,7 @@ def _setup_frozen(op: str) -> Callable[..., None]:
     def setup_context(ctx: Any, inputs: Sequence[Any], output: Tensor) -> None:
         for name, value in zip(("weight", "idx", "bias"), inputs[1:]):
             if isinstance(value, Tensor) and value.requires_grad:
-                _fail(op, f"{name} requires grad, but these ops treat the base layer as frozen "
+                checks.fail(op, f"{name} requires grad, but these ops treat the base layer as frozen "
                       "and give a gradient for x only",
                       "Freeze the base weight and bias (requires_grad_(False), as LoRA does); "
                       "sparselora-fx never rewrites a layer whose base weight is trainable.")
@@ -409,8 +320,8 @@ def _register(spec: _Spec) -> Any:
 # Registration lives in the dispatcher, which outlives this module: a reload (or a second copy
 # of the module) finds the ops there and must not define them again.
 _OPDEFS = {_spec.name: _register(_spec) for _spec in _SPECS if not _is_registered(_spec.name)}
-# On CUDA, compiled graphs get the Triton kernels themselves (see runtime/lowering.py).
-_lowering.register(_OPDEFS)
+#: The ops this import defined (name -> CustomOpDef); ``passes/lower.py`` attaches the CUDA Triton swap to them.
+OPDEFS = _OPDEFS
 
 _ops = getattr(torch.ops, NAMESPACE)
 

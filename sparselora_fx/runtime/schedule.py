@@ -14,8 +14,8 @@ one optimizer step runs the same variant. Attach the schedule to the optimizer
 
 from __future__ import annotations
 
-import copy
 import logging
+import warnings
 from typing import Any, Callable, Mapping
 
 import torch
@@ -24,7 +24,7 @@ from ..errors import OptionsError
 
 log = logging.getLogger("sparselora_fx")
 
-__all__ = ["ScheduledGraph", "StepSchedule", "copy_graph_module", "schedule_for"]
+__all__ = ["ScheduledGraph", "StepSchedule"]  # a compile's schedule is checked in settings.schedule_for
 
 _STATE_KEYS = ("steps", "warmup_steps", "total_steps")
 
@@ -48,7 +48,11 @@ class StepSchedule:
         self._warmup = _check_count(warmup_steps, "warmup_steps", 0)
         self._total = None if total_steps is None else _check_count(total_steps, "total_steps", 1)
         self._steps = _check_count(steps, "steps", 0)
-        self._handles: dict[int, Any] = {}
+        self._attached: _AttachHandle | None = None
+        if self._total is not None and self._warmup > self._total:
+            warnings.warn(f"StepSchedule: warmup_steps={self._warmup} is more than total_steps={self._total}: "
+                          "the whole run stays dense. Lower the warm-up (or its fraction) or check total_steps.",
+                          stacklevel=2)
 
     @classmethod
     def from_policy(cls, policy: Any, total_steps: int | None = None) -> "StepSchedule":
@@ -96,27 +100,33 @@ class StepSchedule:
         """Record ``n`` completed optimizer steps (call after ``optimizer.step()`` if not attached)."""
         self._steps += _check_count(n, "step(n): n", 1)
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> Any:
+    def attach(self, optimizer: torch.optim.Optimizer) -> "_AttachHandle":
         """Advance on every ``optimizer.step()``; returns the hook handle (``.remove()`` detaches).
 
         Why: counting optimizer steps where they happen means gradient accumulation and skipped
         steps (a GradScaler that finds inf/nan never calls ``optimizer.step``) are counted right.
+        One optimizer at a time: with two, each training step would count twice and the warm-up
+        would silently halve, so a second ``attach`` is refused until the first handle is removed.
         """
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise OptionsError(f"StepSchedule.attach: expected a torch.optim.Optimizer, got "
                                 f"{type(optimizer).__name__}; for other loops call schedule.step() "
                                 "after each optimizer step instead.")
-        key = id(optimizer)
-        if key in self._handles:
-            raise OptionsError("StepSchedule.attach: this optimizer is attached already; attaching it "
-                                "twice would count each step twice.")
+        if self._attached is not None:
+            same = self._attached.optimizer is optimizer
+            raise OptionsError("StepSchedule.attach: " + (
+                "this optimizer is attached already; attaching it twice would count each step twice."
+                if same else
+                "the schedule is attached to another optimizer already; with two, every training step "
+                "would count twice (a halved warm-up). Attach the one optimizer that steps once per "
+                "training step, or call schedule.step() once per training step yourself; "
+                "handle.remove() detaches the first."))
 
         def _hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
             self.step()
 
-        handle = optimizer.register_step_post_hook(_hook)
-        self._handles[key] = handle
-        return handle
+        self._attached = _AttachHandle(self, optimizer, optimizer.register_step_post_hook(_hook))
+        return self._attached
 
     # ---- checkpointing --------------------------------------------------------------------
 
@@ -146,71 +156,16 @@ class StepSchedule:
                 f"total_steps={self._total}, phase={self.phase!r})")
 
 
-def _policy_warmup(policy: Any, total_steps: int | None = None) -> int | None:
-    """The policy's warm-up in steps; None when it asks for none; -1 when a fraction lacks a total."""
-    if policy.warmup_fraction is None:
-        return policy.warmup_steps or None
-    total = total_steps if total_steps is not None else policy.total_steps
-    return policy.warmup_steps_for(total) if total is not None else -1
+class _AttachHandle:
+    """What ``StepSchedule.attach`` returns: ``remove()`` drops the hook and frees the schedule to attach again."""
 
+    def __init__(self, schedule: StepSchedule, optimizer: torch.optim.Optimizer, hook: Any) -> None:
+        self._schedule, self.optimizer, self._hook = schedule, optimizer, hook
 
-def schedule_for(policy: Any, schedule: Any) -> StepSchedule | None:
-    """The schedule a compile uses: the one given, None without warm-up, else an error saying how.
-
-    Why: a warm-up needs the optimizer step count, which the backend cannot see; silently
-    ignoring it (sparse from step 1) or guessing from forward calls (wrong under gradient
-    accumulation) would both be wrong, so a warm-up policy without a schedule is refused with the
-    three lines that fix it. A schedule whose warm-up contradicts the policy's is refused too.
-    """
-    if schedule is not None and not isinstance(schedule, StepSchedule):
-        raise OptionsError(f"options['schedule'] must be a sparselora_fx.runtime.schedule.StepSchedule, "
-                            f"got {type(schedule).__name__}.")
-    wanted = _policy_warmup(policy, None if schedule is None else schedule.total_steps)
-    if schedule is None:
-        if wanted is None:
-            return None
-        how = ("warmup_fraction = {0} of the run".format(policy.warmup_fraction) if wanted == -1
-               else f"{wanted} dense warm-up steps")
-        raise OptionsError(
-            f"policy {policy.source} asks for {how}, but the backend cannot count optimizer steps "
-            "by itself. Pass a schedule:\n"
-            "    from sparselora_fx.runtime.schedule import StepSchedule\n"
-            "    schedule = StepSchedule.from_policy(policy, total_steps=N)  # N optimizer steps\n"
-            "    schedule.attach(optimizer)\n"
-            "    torch.compile(model, backend='sparselora', options={'policy': policy, 'schedule': schedule})\n"
-            "or set warmup_steps = 0 in the policy to run sparse from the first step.")
-    if wanted not in (None, -1) and wanted != schedule.warmup_steps:
-        raise OptionsError(
-            f"policy {policy.source} asks for {wanted} warm-up steps but options['schedule'] has "
-            f"warmup_steps={schedule.warmup_steps}; build the schedule with "
-            "StepSchedule.from_policy(policy, total_steps=N) or make them agree.")
-    return schedule
-
-
-def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """A new GraphModule over a copy of ``gm``'s graph, sharing its parameters and constants.
-
-    Why: the rewrite mutates its graph in place, and a deep copy of the module would duplicate
-    every weight held as an attribute. Node ``meta`` is copied shallowly (by ``Graph``), and the
-    attributes Dynamo hangs on nodes (``_dynamo_source`` on placeholders, which the unit matcher
-    reads) are carried over.
-    """
-    graph = copy.deepcopy(gm.graph)
-    for old, new in zip(gm.graph.nodes, graph.nodes):  # the copy keeps node order and names
-        if (old.op, old.name) != (new.op, new.name):
-            continue
-        for attr, value in vars(old).items():
-            if attr not in vars(new):
-                setattr(new, attr, value)
-    out = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
-    out.meta = dict(getattr(gm, "meta", {}))
-    # higher-order-op bodies (checkpoint's wrap_body_*) are rewritten too: copy them, never share
-    for node in graph.nodes:
-        if node.op == "get_attr":
-            sub = getattr(out, node.target, None)
-            if isinstance(sub, torch.fx.GraphModule):
-                setattr(out, node.target, copy_graph_module(sub))
-    return out
+    def remove(self) -> None:
+        self._hook.remove()
+        if self._schedule._attached is self:
+            self._schedule._attached = None
 
 
 def _is_dynamic(example_inputs: list[Any]) -> bool:

@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .. import counters as _counters
 from ..errors import PolicyError, UnsupportedGraphError
 from .estimators import Estimator, _wide, column_l2, get_estimator
 
@@ -59,26 +60,14 @@ def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
-#: Debug hook for tests: when set to a list, every selection op run for real appends
-#: ``(op_name, output)`` (the kept indices, detached). None (the default) records nothing.
-_DEBUG_RECORD: list | None = None
-
-
-#: Benchmark hook: when set to a list, every selection op run for real appends ``(op_name,
-#: seconds)``, its wall time (host clock; on CUDA the op's launches, not its kernels). None (the
-#: default) times nothing.
-_WALL_TIMES: list | None = None
-
-
 def _clock() -> float:
-    return time.perf_counter() if _WALL_TIMES is not None else 0.0
+    return time.perf_counter() if _counters._ACTIVE else 0.0
 
 
 def _record(op: str, out, started: float = 0.0):
-    if _WALL_TIMES is not None:
-        _WALL_TIMES.append((op, time.perf_counter() - started))
-    if _DEBUG_RECORD is not None:
-        _DEBUG_RECORD.append((op, tuple(t.detach().clone() for t in out) if isinstance(out, tuple) else out.detach().clone()))
+    """Hand `out` (the kept indices) to the open ``counters.record_selections`` recorders, if any."""
+    if _counters._ACTIVE:
+        _counters._note_selection(op, out, started)
     return out
 
 

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from sparselora_fx.models import build_tiny_model, tiny_batch
 from sparselora_fx.passes import graph_ops as ops
 from tests.conftest import analysis_model
-from sparselora_fx.passes.attention import FUSED_REASON, find_attention_groups
-from sparselora_fx.passes.groups import Group, Skipped
-from sparselora_fx.passes.rewrite import oriented_weight
-from sparselora_fx.passes.units import LoraUnit, find_lora_units
+from sparselora_fx.passes.analyse.attention import FUSED_REASON, find_attention_groups
+from sparselora_fx.passes.analyse.groups import Group, Skipped
+from sparselora_fx.passes.weights import oriented_weight
+from sparselora_fx.passes.analyse.units import LoraUnit, find_lora_units
 
 
 @dataclass

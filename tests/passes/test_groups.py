@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import sparselora_fx
 from sparselora_fx.models import TINY_ARCHITECTURES, tiny_batch
-from sparselora_fx.passes import COUNTERS
+from sparselora_fx.counters import counters
 from tests.conftest import analysis_model
 from tests.passes.test_units import HandLoRA
 
@@ -41,7 +41,7 @@ def _explain(arch: str):
 
 @pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
 def test_groups_per_architecture(arch: str) -> None:
-    COUNTERS.clear()
+    counters.clear()
     report = _explain(arch)
     n_units, gated, mlp, qk, vo = EXPECTED[arch]
     counts = report.counts()
@@ -49,7 +49,9 @@ def test_groups_per_architecture(arch: str) -> None:
     assert counts["units"] == n_units
     assert (counts.get("gated_mlp", 0), counts.get("mlp", 0), counts.get("attn_qk", 0), counts.get("attn_vo", 0)) == (
         gated, mlp, qk, vo)
-    assert COUNTERS["units_matched"] == MATCHED.get(arch, n_units)
+    assert counters["sparselora"]["units_matched"] == MATCHED.get(arch, n_units)
+    assert [counters["sparselora"][f"group_{k}"] for k in ("gated_mlp", "mlp", "attn_qk", "attn_vo")] == [
+        gated, mlp, qk, vo]
     grouped = {u.fqn for g in report.groups for u in g.units}
     skipped = {s.name: s.reason for s in report.skipped}
     assert grouped | set(skipped) >= {u.fqn for u in report.units}, "every unit is grouped or has a reason"
@@ -117,3 +119,13 @@ def test_intermediate_used_outside_is_not_grouped() -> None:
     report = sparselora_fx.explain(HandGatedMLP(between="leak"), torch.randn(2, 5, 8))
     assert report.groups == []
     assert any("outside the MLP" in s.reason for s in report.skipped)
+
+
+def test_group_kinds_come_from_the_policy() -> None:
+    from typing import get_args
+
+    from sparselora_fx.passes.analyse.groups import GROUP_KINDS, ROLES, GroupKind
+    from sparselora_fx.policy import GROUP_KINDS as POLICY_GROUP_KINDS
+
+    assert GROUP_KINDS == tuple(POLICY_GROUP_KINDS) == get_args(GroupKind) == tuple(ROLES)
+    assert GROUP_KINDS == ("gated_mlp", "mlp", "attn_qk", "attn_vo")

@@ -8,7 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparselora_fx.models import TINY_ARCHITECTURES, build_tiny_model, tiny_batch
-from sparselora_fx.passes.units import find_lora_units
+from sparselora_fx.passes import graph_ops as ops
+from sparselora_fx.passes.analyse.units import detect_unmatched, find_lora_units
 from tests.conftest import analysis_model, trace_graphs
 
 
@@ -152,3 +153,89 @@ def test_units_inside_activation_checkpoint_bodies() -> None:
     assert len(units) == 2
     assert all(u.scope.parent is not None for u in units), "units should be found inside the HOP bodies"
     assert [u.fqn for u in units] == ["0.fc", "1.fc"]
+
+
+# ---- ops between the base product and the LoRA sum -------------------------------------------------
+
+
+class SeparateBias(nn.Module):
+    """``y = x @ W.T``, then a frozen bias / scale / cast as their own ops, then ``+ lora(x)``."""
+
+    def __init__(self, d_in: int, d_out: int, spelling: str, r: int = 2):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_out, d_in) / d_in**0.5, requires_grad=False)
+        self.bias = nn.Parameter(torch.randn(d_out) * 0.1, requires_grad=False)
+        self.g = nn.Parameter(torch.rand(d_out) + 0.5, requires_grad=False)
+        self.A = nn.Parameter(torch.randn(r, d_in) * 0.1)
+        self.B = nn.Parameter(torch.randn(d_out, r) * 0.1)
+        self.trained_bias = nn.Parameter(torch.zeros(d_out))
+        self.spelling = spelling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s, b = self.spelling, self.bias
+        y = x @ self.weight.T
+        if s == "plain":  # no op between: matched as ever
+            pass
+        elif s == "add":
+            y = y + b
+        elif s == "bias_first":
+            y = b + y
+        elif s == "torch_add":
+            y = torch.add(y, b)
+        elif s == "add_method":
+            y = y.add(b)
+        elif s == "casts":
+            y = y.float().half().float() + b.to(torch.float32)
+        elif s == "scale_then_bias":
+            y = (y * self.g) * 0.5 + b
+        elif s == "relu":  # not channel-selection-compatible: no unit
+            y = torch.relu(y + b)
+        elif s == "trainable_bias":  # a bias that trains is not a frozen bias: no unit
+            y = y + self.trained_bias
+        out = y + (x @ self.A.T) @ self.B.T * 0.5
+        if s == "read_twice":  # the base product also feeds something else: no unit
+            out = out + y.mean()
+        return out
+
+
+POST_SPELLINGS = {"add": ["bias"], "bias_first": ["bias"], "torch_add": ["bias"], "add_method": ["bias"],
+                  "casts": ["cast", "cast", "cast", "bias"], "scale_then_bias": ["scale", "scale", "bias"]}
+
+
+@pytest.mark.parametrize("spelling", list(POST_SPELLINGS))
+def test_bias_add_scale_and_casts_between_base_and_lora_sum_are_part_of_the_unit(spelling: str) -> None:
+    model = nn.Sequential(SeparateBias(8, 12, spelling), nn.ReLU(), SeparateBias(12, 8, spelling))
+    (gm,) = trace_graphs(model, torch.randn(2, 5, 8))
+    units = find_lora_units(gm)
+    assert [u.fqn for u in units] == ["0", "2"]
+    assert [(u.in_features, u.out_features) for u in units] == [(8, 12), (12, 8)]
+    for u in units:
+        assert [p.kind for p in u.post] == POST_SPELLINGS[spelling]
+        assert u.branches[0].scale == 0.5 and u.base.bias is None
+        vectors = [p.operand for p in u.post if p.vector]
+        assert all(tuple(ops.example_value(v).shape) == (u.out_features,) for v in vectors)
+
+
+@pytest.mark.parametrize("spelling,stop", [("relu", "relu"), ("read_twice", None), ("trainable_bias", "add")])
+def test_frozen_linear_meeting_lora_but_not_matched_is_reported_with_the_stopping_node(spelling, stop) -> None:
+    from sparselora_fx import backend
+
+    torch.manual_seed(0)
+    model = nn.Sequential(SeparateBias(8, 8, spelling), nn.Tanh(), SeparateBias(8, 8, "plain"))
+    (gm,) = trace_graphs(model, torch.randn(2, 5, 8))
+    assert [u.fqn for u in find_lora_units(gm)] == ["2"]
+    found = detect_unmatched(gm, find_lora_units(gm))
+    assert [name for name, _, _ in found] == ["0"]
+    (name, reason, where), = found
+    node = next(n for n in gm.graph.nodes if n.name == where)
+    if spelling == "read_twice":  # the product itself, read by the LoRA sum and by `.sum()`
+        assert ops.as_linear(node) is not None and len(node.users) == 2 and "read by 2 ops" in reason
+    else:
+        assert getattr(node.target, "__name__", node.target) == stop and f"`{where}`" in reason
+    assert "runs dense" in reason
+
+    backend.LAST_REPORTS.clear()
+    options = {"inner": "aot_eager", "sparsity": 0.5, "progress": False}
+    torch.compile(model, backend="sparselora", options=options)(torch.randn(2, 5, 8))
+    skipped = [s for s in backend.LAST_REPORTS[-1].skipped if s.name == "0"]
+    assert [(s.reason, s.where) for s in skipped] == [(reason, where)]

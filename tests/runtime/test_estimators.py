@@ -1,12 +1,10 @@
-"""Estimators (svd, token_sample), their registry, and the SVD factor cache.
+"""Estimators (svd, token_sample, random) and their registry.
 
-References are float64 eager computations of the true linear outputs / best low-rank factors.
+References are float64 eager computations of the true linear outputs. The SVD factor cache the
+``svd`` estimator reads has its own tests, in ``tests/test_factor_cache.py``.
 """
 
 from __future__ import annotations
-
-import logging
-import os
 
 import pytest
 import torch
@@ -14,7 +12,8 @@ import torch._dynamo.testing
 
 from sparselora_fx.errors import OptionsError, SparseLoRAError
 from sparselora_fx.runtime import estimators as E
-from sparselora_fx.runtime import factor_cache as fc
+from sparselora_fx import factor_cache as fc
+from tests._weights import low_rank_weight
 
 
 @pytest.fixture(autouse=True)
@@ -52,20 +51,6 @@ def _top(y, keep):
     return set(torch.topk(y.double().norm(dim=0), keep).indices.tolist())
 
 
-def _low_rank_weight(out_f, in_f, seed, decay=0.7):
-    """A weight with a decaying spectrum, so a rank-k approximation is well defined."""
-    g = _gen(seed)
-    u, _ = torch.linalg.qr(torch.randn(out_f, min(out_f, in_f), generator=g, dtype=torch.float64))
-    v, _ = torch.linalg.qr(torch.randn(in_f, min(out_f, in_f), generator=g, dtype=torch.float64))
-    s = decay ** torch.arange(min(out_f, in_f), dtype=torch.float64)
-    return ((u * s) @ v.t()).float()
-
-
-def _best_rank_k_error(w, k):
-    s = torch.linalg.svdvals(w.double())
-    return s[k:].square().sum().sqrt().item()
-
-
 # ---------------------------------------------------------------------------------------------
 # Estimator exactness against the float64 oracle
 
@@ -101,7 +86,7 @@ def test_token_sample_all_tokens_reproduces_oracle_ranking():
 
 
 def test_low_rank_svd_estimate_is_the_best_rank_k_approximation():
-    w = _low_rank_weight(20, 12, seed=6)
+    w = low_rank_weight(20, 12, seed=6)
     x = torch.randn(7, 12, generator=_gen(7))
     y = E.SvdEstimator(rank=3).estimate(x, w, None)
     u, s, vh = torch.linalg.svd(w.double().t(), full_matrices=False)
@@ -204,254 +189,6 @@ def test_svd_falls_back_to_token_sample_with_one_warning(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         est.estimate(x, w, b)  # second time: silent
-
-
-# ---------------------------------------------------------------------------------------------
-# Factors: values and the private RNG
-
-
-def test_factors_match_float64_truncated_svd():
-    w = _low_rank_weight(16, 12, seed=15)
-    p, q = fc.get_factors(w, 4)
-    assert p.shape == (12, 4) and q.shape == (4, 16) and p.dtype == w.dtype
-    u, s, vh = torch.linalg.svd(w.double().t(), full_matrices=False)
-    torch.testing.assert_close((p @ q).double(), (u[:, :4] * s[:4]) @ vh[:4], rtol=1e-4, atol=1e-5)
-
-
-def test_factors_stored_in_model_dtype():
-    w = _low_rank_weight(16, 12, seed=16).to(torch.bfloat16)
-    p, q = fc.get_factors(w, 4)
-    assert p.dtype == q.dtype == torch.bfloat16
-
-
-def test_randomized_svd_leaves_global_rng_unchanged(monkeypatch):
-    w = _low_rank_weight(300, 260, seed=17)  # > SMALL_WEIGHT_NUMEL and rank << min(shape)
-    calls = []
-    real = torch.svd_lowrank
-    monkeypatch.setattr(torch, "svd_lowrank", lambda *a, **k: calls.append(1) or real(*a, **k))
-    torch.manual_seed(1234)
-    expected = torch.rand(8)
-    torch.manual_seed(1234)
-    p1, q1 = fc.compute_factors(w, 8)
-    after = torch.rand(8)
-    assert calls, "the randomized path was not taken"
-    assert torch.equal(after, expected)
-    torch.manual_seed(999)  # different global state: factors must not depend on it
-    p2, q2 = fc.compute_factors(w, 8)
-    assert torch.equal(p1, p2) and torch.equal(q1, q2)
-    err = torch.linalg.matrix_norm(w.double().t() - (p1 @ q1).double()).item()
-    assert err <= 1.01 * _best_rank_k_error(w, 8) + 1e-6
-
-
-# ---------------------------------------------------------------------------------------------
-# Factor cache
-
-
-def _files(path):
-    return sorted(os.listdir(path)) if path.exists() else []
-
-
-def _cache_path():
-    return fc.cache_dir()
-
-
-def test_memory_hit_and_stats():
-    w = _low_rank_weight(16, 12, seed=18)
-    a = fc.get_factors(w, 4)
-    b = fc.get_factors(w, 4)
-    assert a[0] is b[0] and a[1] is b[1]
-    stats = fc.cache_stats()
-    assert (stats.hits, stats.misses, stats.entries) == (1, 1, 1)
-    assert stats.bytes_in_memory == (12 * 4 + 4 * 16) * 4
-    assert stats.build_seconds > 0
-
-
-def test_value_keyed_cache_survives_new_storage():
-    """FSDP2 regathers (new storage, same values): still a hit; data_ptr is not the key."""
-    w = _low_rank_weight(16, 12, seed=19)
-    a = fc.get_factors(w, 4)
-    b = fc.get_factors(w.clone(), 4)
-    assert a[0] is b[0]
-    assert fc.cache_stats().hits == 1
-
-
-def test_fingerprint_memoised_per_version(monkeypatch):
-    w = _low_rank_weight(16, 12, seed=20)
-    calls = []
-    real = fc._compute_fingerprint
-    monkeypatch.setattr(fc, "_compute_fingerprint", lambda t: calls.append(1) or real(t))
-    fc.get_factors(w, 4)
-    fc.get_factors(w, 4)
-    fc.get_factors(w, 2)
-    assert len(calls) == 1
-    with torch.no_grad():
-        w.add_(1.0)
-    fc.get_factors(w, 4)
-    assert len(calls) == 2
-
-
-def test_fingerprint_memo_covers_fresh_views_and_dies_with_the_weight(monkeypatch):
-    """The rewrite passes `W.t()` (a new view object each step): still one host hash."""
-    import gc
-
-    w = _low_rank_weight(200, 100, seed=35)  # larger than FINGERPRINT_SAMPLES: sampled path
-    calls = []
-    real = fc._compute_fingerprint
-    monkeypatch.setattr(fc, "_compute_fingerprint", lambda t: calls.append(1) or real(t))
-    fps = {fc.fingerprint(w.t()) for _ in range(3)}
-    assert len(calls) == 1 and len(fps) == 1
-    # same values and shape, contiguous or not: one fingerprint (one cache entry, one file)
-    assert fps == {real(w.t().contiguous())}
-    assert fc.fingerprint(w) != fps.pop()  # the other orientation is another weight
-    p, q = fc.get_factors(w.t(), 4)
-    assert p.shape == (200, 4) and q.shape == (4, 100)
-    with torch.no_grad():
-        w[0, 0] += 1.0  # changes a sampled value; the view shares the version counter
-    fc.fingerprint(w.t())
-    assert len(calls) == 3
-    del w
-    gc.collect()
-    assert fc._STATE.memo == {}
-
-
-def test_changed_weight_gets_new_factors():
-    w = _low_rank_weight(16, 12, seed=21)
-    p1, q1 = fc.get_factors(w, 4)
-    with torch.no_grad():
-        w.copy_(_low_rank_weight(16, 12, seed=22))
-    p2, q2 = fc.get_factors(w, 4)
-    expected = fc.compute_factors(w, 4)
-    assert not torch.equal(p1 @ q1, p2 @ q2)
-    torch.testing.assert_close(p2 @ q2, expected[0] @ expected[1])
-
-
-def test_disk_round_trip(monkeypatch):
-    w = _low_rank_weight(16, 12, seed=23)
-    p, q = fc.get_factors(w, 4)
-    files = _files(_cache_path())
-    assert files == [f"{fc.fingerprint(w)}-r4.safetensors"]
-    fc.clear_cache()
-    monkeypatch.setattr(fc, "compute_factors", lambda *a: pytest.fail("rebuilt despite disk cache"))
-    p2, q2 = fc.get_factors(w, 4)
-    assert torch.equal(p, p2) and torch.equal(q, q2)
-    assert fc.cache_stats().disk_hits == 1
-
-
-def test_disk_cache_can_be_turned_off(monkeypatch):
-    monkeypatch.setenv("SPARSELORA_DISK_CACHE", "0")
-    assert fc.get_factors(_low_rank_weight(16, 12, seed=24), 4) is not None
-    assert _files(_cache_path()) == []
-
-
-def _write_then_forget(w, rank=4):
-    fc.get_factors(w, rank)
-    fc.clear_cache()
-    return _cache_path() / f"{fc.fingerprint(w)}-r{rank}.safetensors"
-
-
-def _assert_rebuilt(w, caplog, rank=4):
-    with caplog.at_level(logging.WARNING, logger="sparselora_fx"):
-        p, q = fc.get_factors(w, rank)
-    assert "ignoring factor cache file" in caplog.text
-    stats = fc.cache_stats()
-    assert stats.rejected_files == 1 and stats.disk_hits == 0
-    ref = fc.compute_factors(w, rank)
-    torch.testing.assert_close(p @ q, ref[0] @ ref[1])
-    # the rebuilt file is valid again
-    fc.clear_cache()
-    fc.get_factors(w, rank)
-    assert fc.cache_stats().disk_hits == 1
-
-
-def test_truncated_file_is_rebuilt(caplog):
-    w = _low_rank_weight(16, 12, seed=25)
-    path = _write_then_forget(w)
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-    _assert_rebuilt(w, caplog)
-
-
-def test_foreign_file_is_rebuilt(caplog):
-    from safetensors.torch import save_file
-
-    w = _low_rank_weight(16, 12, seed=26)
-    path = _write_then_forget(w)
-    save_file({"P": torch.zeros(12, 4), "Q": torch.zeros(4, 16)}, str(path))  # no metadata
-    _assert_rebuilt(w, caplog)
-
-
-def test_mismatching_file_is_rebuilt(caplog):
-    from safetensors.torch import save_file
-
-    w = _low_rank_weight(16, 12, seed=27)
-    path = _write_then_forget(w)
-    meta = fc._metadata(w, fc.fingerprint(w), 4)
-    save_file({"P": torch.zeros(12, 3), "Q": torch.zeros(3, 16)}, str(path), metadata=meta)
-    _assert_rebuilt(w, caplog)
-
-
-def test_garbage_file_is_rebuilt(caplog):
-    w = _low_rank_weight(16, 12, seed=28)
-    path = _write_then_forget(w)
-    path.write_bytes(b"not a safetensors file at all")
-    _assert_rebuilt(w, caplog)
-
-
-def test_atomic_write_leaves_no_temp_files(monkeypatch):
-    import safetensors.torch
-
-    for seed in (29, 30):
-        fc.get_factors(_low_rank_weight(16, 12, seed=seed), 4)
-    assert all(f.endswith(".safetensors") and not f.startswith(".") for f in _files(_cache_path()))
-    assert len(_files(_cache_path())) == 2
-
-    def failing_save(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
-    w = _low_rank_weight(16, 12, seed=31)
-    assert fc.get_factors(w, 4) is not None  # a failed write never stops training
-    assert len(_files(_cache_path())) == 2  # neither a final nor a temporary file
-
-
-def test_nan_weight_returns_none_and_warns_once():
-    w = _low_rank_weight(16, 12, seed=32)
-    w[3, 4] = float("nan")
-    with pytest.warns(RuntimeWarning, match=r"\(16, 12\)"):
-        assert fc.get_factors(w, 4) is None
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert fc.get_factors(w, 4) is None
-    assert fc.cache_stats().unusable == 1
-    assert _files(_cache_path()) == []
-
-
-def test_meta_weight_returns_none_silently():
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert fc.get_factors(torch.empty(16, 12, device="meta"), 4) is None
-    assert fc.cache_stats().misses == 0
-
-
-def test_prepare_factors_reports_usable():
-    good = _low_rank_weight(16, 12, seed=33)
-    bad = _low_rank_weight(16, 12, seed=34)
-    bad[0, 0] = float("inf")
-    with pytest.warns(RuntimeWarning):
-        result = fc.prepare_factors([("a.weight", good), ("b.weight", bad)], 4, progress=False)
-    assert result == {"a.weight": True, "b.weight": False}
-    assert fc.get_factors(good, 4) is not None and fc.cache_stats().hits == 1
-
-
-def test_get_factors_rejects_non_matrix():
-    with pytest.raises(SparseLoRAError, match="2-D"):
-        fc.get_factors(torch.zeros(3), 4)
 
 
 @pytest.mark.parametrize("with_bias", [False, True])

@@ -7,9 +7,10 @@ import torch
 import torch._dynamo.testing
 import torch.nn.functional as F
 
+from sparselora_fx.counters import record_selections
 from sparselora_fx.errors import PolicyError, SparseLoRAError, UnsupportedGraphError
 from sparselora_fx.runtime import estimators as E
-from sparselora_fx.runtime import factor_cache as fc
+from sparselora_fx import factor_cache as fc
 from sparselora_fx.runtime import selection as S
 
 NH, NKV, HD = 4, 2, 8  # 4 q heads, 2 kv heads (g = 2), head_dim 8
@@ -398,16 +399,13 @@ def test_wall_time_hook_records_each_select_op_once_per_call():
     torch.manual_seed(0)
     x, w1, w2 = torch.randn(16, 8), torch.randn(12, 8), torch.randn(12, 8)
     wq, wk = torch.randn(8, 8), torch.randn(4, 8)
-    S._WALL_TIMES = []
-    try:
+    with record_selections(picks=False, times=True) as rec:
         torch.ops.sparselora.select_mlp(x, w1, None, w2, None, None, 3, "silu", "token_sample", 8, 4, 0, 0.0)
         torch.ops.sparselora.select_vo(x, wk, None, None, 2, 2, 1, 4, "token_sample", 8, 4, 0, 0.0)
         torch.ops.sparselora.select_qk(x, wq, None, x, wk, None, None, 2, 0, 2, 1, 4, "half", 4,
                                        "svd", 2, 4, 0, 0.0)
-        times = S._WALL_TIMES
-    finally:
-        S._WALL_TIMES = None
-    assert [op for op, _ in times] == ["select_mlp", "select_vo", "select_qk"]
-    assert all(0 < sec < 60 for _, sec in times)
+    assert [op for op, _ in rec.times] == ["select_mlp", "select_vo", "select_qk"]
+    assert all(0 < sec < 60 for _, sec in rec.times)
+    assert rec.picks == []  # picks=False: the outputs are not copied
     torch.ops.sparselora.select_mlp(x, w1, None, w2, None, None, 3, "silu", "token_sample", 8, 4, 0, 0.0)
-    assert S._WALL_TIMES is None  # off by default: nothing recorded
+    assert len(rec.times) == 3  # closed: nothing more recorded

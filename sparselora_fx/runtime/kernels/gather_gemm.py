@@ -26,7 +26,7 @@ with CPU tensors outside the Triton interpreter (TRITON_INTERPRET=1), raises
 `KernelUnavailableError`. The caller (the custom ops) decides with
 `kernels_enabled(device)` whether to come here at all.
 
-Under torch.compile on CUDA the wrappers are not called: `runtime.lowering` launches the
+Under torch.compile on CUDA the wrappers are not called: `passes.lower` launches the
 same kernel through `torch.library.wrap_triton` with the arguments `kernel_call` builds and
 the autotuner `traceable_kernel` returns, so Inductor emits it into its generated code.
 """
@@ -173,7 +173,7 @@ def kernel_call(
 ) -> tuple[Callable[[dict], tuple[Any]], tuple[Any, ...], dict[str, Any]]:
     """(grid, positional args, constexpr flags) of one launch of the shared kernel.
 
-    Why shared: the eager wrappers below and the compiled path (`runtime.lowering`, which
+    Why shared: the eager wrappers below and the compiled path (`passes.lower`, which
     launches through `torch.library.wrap_triton`) must pass the kernel the same arguments.
     Only tensors, ints (possibly symbolic), bools and the precision string go in.
     """

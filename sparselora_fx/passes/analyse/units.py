@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import torch
 from torch.fx import GraphModule, Node
 
-from .._compat import dynamo_source_name
-from ..names import module_of_param, source_to_path
-from . import graph_ops as ops
-
-if TYPE_CHECKING:  # groups.py imports this module
-    from .groups import Group
+from ..._compat import dynamo_source_name
+from ...names import module_of_param, source_to_path
+from .. import graph_ops as ops
 
 log = logging.getLogger("sparselora_fx")
 
@@ -59,8 +56,28 @@ class LoraBranch:
 
 
 @dataclass
+class PostOp:
+    """An op between the frozen product and the first LoRA sum that commutes with channel selection.
+
+    ``kind`` is ``"cast"`` (a dtype cast), ``"bias"`` (``+ b``, b a frozen ``[out]`` vector, either
+    operand order) or ``"scale"`` (``* g``, g a frozen ``[out]`` vector or a scalar). ``operand`` is
+    b / g as the op reads it (None for a cast); ``vector`` is True for an ``[out]`` operand, which
+    the rewrite hands only the kept channels (``rewrite._narrow_post`` / ``_scatter_base``).
+    """
+
+    node: Node
+    kind: str
+    operand: object = None
+    vector: bool = False
+
+
+@dataclass
 class LoraUnit:
-    """A frozen linear plus its LoRA branches, as found in one graph scope."""
+    """A frozen linear plus its LoRA branches, as found in one graph scope.
+
+    ``post`` are the ops between the frozen product (``base.node``) and the first LoRA sum, in
+    order: a hand-written ``y = x @ W.T; y = y + b; y = y + lora(x)`` has its bias add there.
+    """
 
     fqn: str
     scope: Scope
@@ -72,6 +89,7 @@ class LoraUnit:
     in_features: int
     out_features: int
     role: str = ""
+    post: list[PostOp] = field(default_factory=list)
     part: "FusedPart | None" = None  # set on a part of a fused projection (see ``part_unit``)
     parts: dict[tuple[int, int, int], "LoraUnit"] = field(default_factory=dict, repr=False)
 
@@ -137,34 +155,10 @@ def part_unit(parent: LoraUnit, name: str, offset: int, width: int, piece: Node,
     if unit is None or unit.output is not piece:
         unit = LoraUnit(fqn=f"{parent.fqn}[{name}]", scope=parent.scope, base=parent.base, input=parent.input,
                         branches=parent.branches, adds=parent.adds, output=piece, in_features=parent.in_features,
-                        out_features=width,
+                        out_features=width, post=parent.post,
                         part=FusedPart(parent, name, offset, width, block, period, piece))
         parent.parts[key] = unit
     return unit
-
-
-def expand_fused(units: list[LoraUnit], groups: list[Group]) -> list[LoraUnit]:
-    """``units`` with each fused projection that has a grouped part replaced by its parts.
-
-    Why: the report, the plan and the rewrite speak of units with one role each; a fused qkv_proj
-    is three (q, k, v). Parts take the parent's name plus ``[role]``.
-    """
-    grouped = {id(u) for g in groups for u in g.units}
-    out: list[LoraUnit] = []
-    for unit in units:
-        parts = sorted(unit.parts.values(), key=lambda u: u.part.offset)  # type: ignore[union-attr]
-        if not any(id(p) in grouped for p in parts):
-            out.append(unit)
-            continue
-        for p in parts:
-            if p.role:
-                p.fqn = f"{unit.fqn}[{p.role}]"
-        out.extend(parts)
-    return out
-
-
-SPLIT_FNS = {torch.chunk, torch.split, torch.tensor_split}
-SPLIT_METHODS = {"chunk", "split", "tensor_split", "split_with_sizes"}
 
 
 def _split_bounds(split: Node, width: int) -> list[tuple[int, int]] | None:
@@ -213,7 +207,7 @@ def last_dim_piece(node: object) -> tuple[Node, int, int, Node | None] | None:
     src, idx = node.args
     if not isinstance(src, Node):
         return None
-    if ops.is_call(src, SPLIT_FNS, SPLIT_METHODS) and isinstance(idx, int):
+    if ops.is_call(src, ops.SPLIT_FNS, ops.SPLIT_METHODS) and isinstance(idx, int):
         inner = src.args[0]
         val = ops.example_value(inner)
         if not isinstance(inner, Node) or not isinstance(val, torch.Tensor) or not isinstance(val.shape[-1], int):
@@ -342,45 +336,110 @@ def _match_branch(scope: Scope, node: object, x: Node) -> LoraBranch | None:
     return LoraBranch(a=a, b=b, scale=scale, scale_node=scale_node, dropout=dropout, output=node)
 
 
-def _match_unit(scope: Scope, call: ops.LinearCall) -> LoraUnit | None:
-    if not _is_weight(scope, call.weight, trainable=False):
+def _frozen_channels(scope: Scope, node: object, out_features: int) -> bool:
+    """``node`` is a frozen ``[out_features]`` graph input (a bias or per-channel scale), perhaps cast."""
+    src = node
+    while isinstance(src, Node) and ops.is_dtype_cast(src):
+        src = src.args[0]
+    if not isinstance(src, Node) or not _is_weight_like_frozen(scope, src):
+        return False
+    val = ops.example_value(node)
+    return (isinstance(val, torch.Tensor) and val.dim() == 1 and isinstance(val.shape[0], int)
+            and int(val.shape[0]) == out_features and not val.requires_grad)
+
+
+def _frozen_scalar(value: object) -> bool:
+    """A Python number, or a graph scalar (0-d tensor, SymFloat) that takes no gradient."""
+    if not ops.is_scalar_like(value):
+        return False
+    val = ops.example_value(value)
+    return not (isinstance(val, torch.Tensor) and val.requires_grad)
+
+
+def _post_op(scope: Scope, node: Node, cur: Node, out_features: int) -> PostOp | None:
+    """``node`` (the one reader of ``cur``) as a bias add or scale of ``cur``'s channels."""
+    if not (ops.is_add(node) or ops.is_mul(node)) or list(node.args).count(cur) != 1:
         return None
-    if call.bias is not None and not _is_weight_like_frozen(scope, call.bias):
-        return None
-    x = ops.strip_passthrough(call.input) if ops.is_dtype_cast(call.input) else call.input
-    branches: list[LoraBranch] = []
-    adds: list[Node] = []
+    other = node.args[1] if node.args[0] is cur else node.args[0]
+    if _frozen_channels(scope, other, out_features):
+        return PostOp(node, "bias" if ops.is_add(node) else "scale", other, vector=True)
+    if ops.is_mul(node) and _frozen_scalar(other):
+        return PostOp(node, "scale", other)
+    return None
+
+
+@dataclass
+class _Walk:
+    """What follows a frozen linear's output: its post ops, LoRA sums, and what stopped the walk."""
+
+    post: list[PostOp]
+    branches: list[LoraBranch]
+    adds: list[Node]
+    output: Node
+    stop: Node | None  # the node that stopped the walk (None: the value is read by nothing)
+    shared: bool = False  # ``stop`` is the last node taken, read by several ops
+
+
+def _follow(scope: Scope, call: ops.LinearCall, x: Node) -> _Walk:
+    """Walk from the frozen product through post ops (before the first LoRA sum), LoRA sums and casts."""
+    out_f = _linear_features(call)[1]
+    walk = _Walk([], [], [], call.node, None)
     cur: Node = call.node
-    output = cur
     while True:
         users = list(cur.users)
         if len(users) != 1:
+            walk.stop, walk.shared = (cur, True) if users else (None, False)
             break
         user = users[0]
         if ops.is_dtype_cast(user):
+            if not walk.branches:
+                walk.post.append(PostOp(user, "cast"))
             cur = user
             continue
+        if not walk.branches:
+            post = _post_op(scope, user, cur, out_f)
+            if post is not None:
+                walk.post.append(post)
+                cur = user
+                continue
         if not ops.is_add(user):
+            walk.stop = user
             break
         other = user.args[1] if user.args[0] is cur else user.args[0]
         branch = _match_branch(scope, other, x) or (
             _match_branch(scope, other, call.input) if x is not call.input else None
         )
         if branch is None:
+            walk.stop = user
             break
-        branches.append(branch)
-        adds.append(user)
+        walk.branches.append(branch)
+        walk.adds.append(user)
         cur = user
-        output = cur
-    if not branches:
+        walk.output = cur
+    return walk
+
+
+def _unit_input(call: ops.LinearCall) -> Node:
+    return ops.strip_passthrough(call.input) if ops.is_dtype_cast(call.input) else call.input
+
+
+def _match_unit(scope: Scope, call: ops.LinearCall) -> LoraUnit | None:
+    if not _is_weight(scope, call.weight, trainable=False):
         return None
+    if call.bias is not None and not _is_weight_like_frozen(scope, call.bias):
+        return None
+    x = _unit_input(call)
+    walk = _follow(scope, call, x)
+    if not walk.branches:
+        return None
+    output = walk.output
     # trailing casts after the last add belong to the unit
     while len(output.users) == 1 and ops.is_dtype_cast(next(iter(output.users))):
         output = next(iter(output.users))
     in_f, out_f = _linear_features(call)
     fqn = module_of_param(weight_path(scope, call.weight))
-    return LoraUnit(fqn=fqn, scope=scope, base=call, input=x, branches=branches, adds=adds,
-                    output=output, in_features=in_f, out_features=out_f)
+    return LoraUnit(fqn=fqn, scope=scope, base=call, input=x, branches=walk.branches, adds=walk.adds,
+                    output=output, in_features=in_f, out_features=out_f, post=walk.post)
 
 
 def _is_weight_like_frozen(scope: Scope, node: Node) -> bool:
@@ -406,6 +465,88 @@ def find_lora_units(gm: GraphModule) -> list[LoraUnit]:
     return units
 
 
+# ---- frozen linears that meet a LoRA branch but are no unit: say which node stopped the matcher ----
+
+_AHEAD_DEPTH = 8  # ops searched downstream of a frozen product for a LoRA sum on its input
+
+
+def _op_name(node: Node) -> str:
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def _lora_sum_ahead(scope: Scope, call: ops.LinearCall, x: Node) -> Node | None:
+    """The nearest add within a few ops downstream of the frozen product that sums a LoRA branch
+    on the linear's own input (not looking through other linears)."""
+    inputs = [x] if x is call.input else [x, call.input]
+    frontier, seen = [call.node], {call.node}
+    for _ in range(_AHEAD_DEPTH):
+        nxt: list[Node] = []
+        for cur in frontier:
+            for user in cur.users:
+                if user in seen:
+                    continue
+                seen.add(user)
+                if ops.is_add(user) and any(
+                        isinstance(i, Node) and _match_branch(scope, other, i) is not None
+                        for other in user.args if other is not cur for i in inputs):
+                    return user
+                if ops.as_linear(user) is None:
+                    nxt.append(user)
+        frontier = nxt
+    return None
+
+
+def _why_not(scope: Scope, call: ops.LinearCall, walk: _Walk, lora_sum: Node) -> tuple[str, Node]:
+    """The reason a frozen linear meeting ``lora_sum`` is no unit, and the node that stopped the matcher."""
+    tail = "; it is not a linear+LoRA unit, so it runs dense"
+    if call.bias is not None and not _is_weight_like_frozen(scope, call.bias):
+        return f"its bias `{call.bias.name}` is not a frozen graph input{tail}", call.bias
+    stop = walk.stop
+    if stop is None:  # not reachable: a LoRA sum ahead means the walk met some node
+        return f"frozen linear whose output reaches the LoRA sum `{lora_sum.name}` by a path the matcher " \
+               f"does not follow{tail}", lora_sum
+    if walk.shared:
+        others = ", ".join(f"`{u.name}`" for u in stop.users)
+        return (f"frozen linear whose value `{stop.name}` is read by {len(stop.users)} ops ({others}) before "
+                f"the LoRA sum `{lora_sum.name}`{tail}"), stop
+    what = f"`{stop.name}` ({_op_name(stop)})"
+    if ops.is_add(stop) or ops.is_mul(stop):
+        what += ", whose other operand is not a frozen [out] vector or a scalar"
+    return (f"frozen linear whose output reaches the LoRA sum `{lora_sum.name}` through {what}; only bias "
+            f"adds, per-channel scales and dtype casts may sit between the base product and the LoRA sum"
+            f"{tail}"), stop
+
+
+def detect_unmatched(gm: GraphModule, units: list[LoraUnit]) -> list[tuple[str, str, str]]:
+    """Frozen linears whose output meets a trainable LoRA branch on their input but that are no unit.
+
+    Why: such a layer (``relu(x @ W.T) + lora(x)``, a base product read twice, a trainable bias)
+    runs dense, and a user must see that in the report's ``skipped`` with the node that stopped the
+    matcher, rather than find the layer's group silently missing. Returns ``(name, reason, node)``.
+    """
+    matched = {u.base.node for u in units}
+    found: list[tuple[str, str, str]] = []
+    for scope in iter_scopes(gm):
+        for node in scope.gm.graph.nodes:
+            call = ops.as_linear(node)
+            if call is None or call.node in matched or not _is_weight(scope, call.weight, trainable=False):
+                continue
+            x = _unit_input(call)
+            lora_sum = _lora_sum_ahead(scope, call, x)
+            if lora_sum is None:
+                continue
+            walk = _follow(scope, call, x)
+            if walk.branches and (call.bias is None or _is_weight_like_frozen(scope, call.bias)):
+                continue  # a unit (one the caller dropped, e.g. as QLoRA/DoRA)
+            reason, stop = _why_not(scope, call, walk, lora_sum)
+            path = weight_path(scope, call.weight)
+            found.append((module_of_param(path) or path or call.node.name, reason, stop.name))
+    if found:
+        log.debug("units: %d frozen linears meet a LoRA branch but are no unit", len(found))
+    return found
+
+
 def _dedupe_names(units: list[LoraUnit]) -> None:
     """Two units with one module path (a module called twice) get ``#1``, ``#2`` suffixes."""
     seen: dict[str, int] = {}
@@ -416,145 +557,3 @@ def _dedupe_names(units: list[LoraUnit]) -> None:
         if seen[unit.fqn] > 1:
             counts[unit.fqn] = counts.get(unit.fqn, 0) + 1
             unit.fqn = f"{unit.fqn}#{counts[unit.fqn]}"
-
-
-# ---- layers we must not sparsify: QLoRA (quantized base weights) and DoRA ------------------------
-
-QLORA_REASON = ("QLoRA: the frozen base weight is quantized ({what}); the channel-gather ops need a "
-                "floating-point weight, so this layer runs dense (its LoRA branch trains as usual)")
-DORA_REASON = ("DoRA (PEFT use_dora=True, lora_magnitude_vector): the output is rescaled by "
-               "magnitude / ||W + s*B@A|| over the full weight, so dropping channels would change "
-               "the adapter itself; this layer runs dense. Use plain LoRA (use_dora=False) to sparsify it")
-_DORA_LOCAL = (" (a graph break inside PEFT's DoRA layer hides its module path here; "
-               "sparselora_fx.integrations.transformers.unsupported_modules(model) lists these layers by name)")
-_NORM_FNS = {torch.norm, torch.linalg.norm, torch.linalg.vector_norm, torch.Tensor.norm}
-_NORM_METHODS = {"norm"}
-_DIV_FNS = {torch.div, torch.true_divide, __import__("operator").truediv}
-_DIV_METHODS = {"div", "div_", "true_divide"}
-_SHAPE_METHODS = {"detach", "view", "reshape", "contiguous", "unsqueeze"}
-
-
-def _is_quant_op(node: Node) -> bool:
-    """A call into bitsandbytes (its torch.ops namespace or its Python functions)."""
-    if node.op != "call_function":
-        return False
-    target = node.target
-    if getattr(target, "namespace", None) == "bitsandbytes":  # OpOverload / OpOverloadPacket
-        return True
-    return str(getattr(target, "__module__", "") or "").startswith("bitsandbytes")
-
-
-def _quantized_source(scope: Scope, node: object, depth: int = 4) -> Node | None:
-    """A non-floating-point graph input (a packed 4/8-bit weight) feeding ``node`` within ``depth`` ops."""
-    frontier, seen = [node], set()
-    for _ in range(depth + 1):
-        nxt: list[object] = []
-        for cur in frontier:
-            if not isinstance(cur, Node) or cur in seen:
-                continue
-            seen.add(cur)
-            if cur.op in ("placeholder", "get_attr"):
-                val = ops.example_value(cur)
-                if val is None:
-                    val = ops.example_value(scope.resolve(cur))
-                if isinstance(val, torch.Tensor) and val.dim() >= 1 and not val.is_floating_point():
-                    return cur
-                continue
-            nxt.extend(a for a in cur.all_input_nodes)
-        frontier = nxt
-    return None
-
-
-def _output_has_lora(scope: Scope, out: Node, x: object) -> bool:
-    """``out`` (through dtype casts) is summed with a LoRA branch on ``x``."""
-    inputs = [x]
-    if isinstance(x, Node) and ops.is_dtype_cast(x):
-        inputs.append(ops.strip_passthrough(x))
-    cur = out
-    while True:
-        users = list(cur.users)
-        if len(users) != 1:
-            return False
-        user = users[0]
-        if ops.is_dtype_cast(user):
-            cur = user
-            continue
-        if not ops.is_add(user):
-            return False
-        other = user.args[1] if user.args[0] is cur else user.args[0]
-        return any(isinstance(i, Node) and _match_branch(scope, other, i) is not None for i in inputs)
-
-
-def _path_name(scope: Scope, node: Node) -> str:
-    """The module path of a (packed) weight; bitsandbytes' ``weight.quant_state.*`` inputs name their weight's module."""
-    path = weight_path(scope, node)
-    if ".weight." in f"{path}.":
-        path = path[: f"{path}.".index(".weight.")] + ".weight"
-    return module_of_param(path) or path or node.name
-
-
-def _qlora_layers(scope: Scope) -> Iterator[tuple[str, str]]:
-    for node in scope.gm.graph.nodes:
-        if _is_quant_op(node):
-            x = next((a for a in node.args if isinstance(a, Node)), None)
-            packed = _quantized_source(scope, node)
-            what = f"bitsandbytes op {getattr(node.target, '__name__', node.target)}"
-        else:
-            call = ops.as_linear(node)
-            if call is None or _is_weight(scope, call.weight, trainable=False):
-                continue
-            x, packed = call.input, _quantized_source(scope, call.weight)
-            if packed is None:
-                continue
-            what = f"{ops.example_value(packed).dtype} weight dequantized in the graph"
-        if x is None or not _output_has_lora(scope, node, x):
-            continue
-        name = _path_name(scope, packed) if packed is not None else f"{scope.name}{node.name}"
-        yield name, QLORA_REASON.format(what=what)
-
-
-def _is_norm(node: object) -> bool:
-    """A norm, possibly behind ``detach``/views/casts (PEFT detaches DoRA's weight norm)."""
-    while isinstance(node, Node) and (ops.is_call(node, {torch.detach}, _SHAPE_METHODS) or ops.is_dtype_cast(node)):
-        node = node.args[0]
-    return ops.is_call(node, _NORM_FNS, _NORM_METHODS)
-
-
-def _dora_layers(scope: Scope) -> Iterator[tuple[str, str]]:
-    """DoRA magnitudes: a source path through ``lora_magnitude_vector``, or a trainable 1-D input divided by a norm."""
-    for node in scope.gm.graph.nodes:
-        if node.op not in ("placeholder", "get_attr"):
-            continue
-        path = weight_path(scope, node)
-        by_name = "lora_magnitude_vector" in path
-        val = ops.example_value(node)
-        by_shape = False
-        if isinstance(val, torch.Tensor) and val.dim() == 1 and val.requires_grad:
-            by_shape = any(ops.is_call(u, _DIV_FNS, _DIV_METHODS) and u.args[0] is node and _is_norm(u.args[1])
-                           for u in node.users)
-        if not (by_name or by_shape):
-            continue
-        if by_name:
-            yield module_of_param(path), DORA_REASON
-        else:  # a graph break inside PEFT's DoRA layer: only the frame-local name is left
-            yield f"<DoRA layer, graph input {path or node.name!r}>", DORA_REASON + _DORA_LOCAL
-
-
-def detect_unsupported(gm: GraphModule) -> list[tuple[str, str]]:
-    """LoRA layers in ``gm`` (and its HOP bodies) that must stay dense, as ``(name, reason)``.
-
-    Why: a QLoRA base (4/8-bit packed weight, bitsandbytes matmul or an in-graph dequantize) has
-    no float weight to gather channels from, and DoRA rescales by a norm over the whole adapted
-    weight; neither may be sparsified, and a user must see why in the report's ``skipped`` rather
-    than find them silently dense. Names are module paths where the graph still knows them.
-    """
-    found: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    for scope in iter_scopes(gm):
-        for name, reason in [*_qlora_layers(scope), *_dora_layers(scope)]:
-            if name not in seen:
-                seen.add(name)
-                found.append((name, reason))
-    if found:
-        log.debug("units: %d layers must stay dense (QLoRA/DoRA)", len(found))
-    return found

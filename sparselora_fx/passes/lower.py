@@ -27,8 +27,9 @@ The decision is made when a graph is traced: flipping SPARSELORA_DISABLE_TRITON 
 changes the eager ops, not a compiled graph that already holds the kernel. torch's AOTAutograd
 and FX graph caches can serve an earlier compile without tracing, so the backend puts
 `cache_salt()` (the switches the decision reads) into their key for every graph holding our
-ops: a compile under other switches misses the cache and traces again. `LOWERED` counts the
-swaps while tracing; a cache hit counts nothing, so it is no record of which path a graph runs
+ops: a compile under other switches misses the cache and traces again. The counters
+`counters["sparselora"]["lowered_<op>"]` (`sparselora_fx.counters`; `LOWERED` reads them by op
+name) count the swaps while tracing; a cache hit counts nothing, so it is no record of which path a graph runs
 (benchmarks/gpu_check.py reads that from Inductor's generated code).
 
 Weights are read through their strides: GPT-2 Conv1D passes `W.t()` views and fused
@@ -40,19 +41,21 @@ columns by index inside the kernel was 2-14x slower than cuBLAS on an H200).
 Without triton nothing here is registered and the public ops behave as before.
 """
 
-from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from sparselora_fx import _compat
+from sparselora_fx.counters import counters, lowered
+from sparselora_fx.runtime import checks
 from sparselora_fx.runtime import kernels as _kernels
+from sparselora_fx.runtime import ops as _runtime_ops
 
 __all__ = ["LOWERED", "TRITON_OPS", "cache_salt", "holds_ops", "is_registered", "lowers", "register"]
 
-NAMESPACE = "sparselora"
+NAMESPACE = checks.NAMESPACE
 
 #: Public op -> the CUDA triton_op that replaces it in compiled graphs.
 TRITON_OPS: dict[str, str] = {
@@ -64,8 +67,9 @@ TRITON_OPS: dict[str, str] = {
     "cols_linear_dx": "cols_linear_dx_triton",
 }
 
-#: How many times each public op was swapped for its triton_op while a graph was traced.
-LOWERED: Counter = Counter()
+#: How many times each public op was swapped for its triton_op while a graph was traced: a
+#: read-only view of `counters["sparselora"]["lowered_<op>"]` by op name.
+LOWERED: Mapping[str, int] = lowered()
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -129,32 +133,32 @@ def _cols(x2d: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
 
 def rows_linear_triton(x: Tensor, weight: Tensor, idx: Tensor, bias: Optional[Tensor]) -> Tensor:
     """CUDA body of `rows_linear` (kept output channels, [..., k])."""
-    _ops()._check_rows("rows_linear", x, weight, idx, bias)
+    checks.check_rows("rows_linear", x, weight, idx, bias)
     return _rows(x, weight, idx, bias, scatter=False)
 
 
 def rows_linear_scatter_triton(x: Tensor, weight: Tensor, idx: Tensor, bias: Optional[Tensor]) -> Tensor:
     """CUDA body of `rows_linear_scatter` (kept channels written into a zero [..., out])."""
-    _ops()._check_rows("rows_linear_scatter", x, weight, idx, bias)
+    checks.check_rows("rows_linear_scatter", x, weight, idx, bias)
     return _rows(x, weight, idx, bias, scatter=True)
 
 
 def cols_linear_triton(x: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
     """CUDA body of `cols_linear` (x holds only the kept input channels)."""
-    _ops()._check_cols_kept("cols_linear", x, weight, idx)
+    checks.check_cols_kept("cols_linear", x, weight, idx)
     return _unflat(_cols(_flat(x), weight, idx), x)
 
 
 def cols_linear_gather_triton(x: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
     """CUDA body of `cols_linear_gather` (reads columns idx of a full-width x)."""
-    _ops()._check_cols_full("cols_linear_gather", x, weight, idx)
+    checks.check_cols_full("cols_linear_gather", x, weight, idx)
     x_kept = x.reshape(-1, x.shape[-1]).index_select(1, idx)
     return _unflat(_cols(x_kept, weight, idx), x)
 
 
 def rows_linear_dx_triton(grad: Tensor, weight: Tensor, idx: Tensor, in_features: int) -> Tensor:
     """CUDA body of `rows_linear_dx` (grad @ weight[idx] -> [..., in])."""
-    _ops()._check_rows_dx(grad, weight, idx, in_features)
+    checks.check_rows_dx(grad, weight, idx, in_features)
     dy, w, idx = _flat(grad), weight, idx.contiguous()
     out = dy.new_empty((dy.shape[0], w.shape[1]))
     _launch(dy, w, idx, None, out, dy.shape[0], w.shape[1], idx.shape[0], w.stride(0), w.stride(1),
@@ -164,7 +168,7 @@ def rows_linear_dx_triton(grad: Tensor, weight: Tensor, idx: Tensor, in_features
 
 def cols_linear_dx_triton(grad: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
     """CUDA body of `cols_linear_dx` (grad @ weight[:, idx] -> [..., k])."""
-    _ops()._check_cols_dx(grad, weight, idx)
+    checks.check_cols_dx(grad, weight, idx)
     dy, kept = _flat(grad), _kept_columns(weight, idx)  # B[r, p] = weight[r, idx[p]] = kept[p, r]
     out = dy.new_empty((dy.shape[0], idx.shape[0]))
     _launch(dy, kept, idx, None, out, dy.shape[0], idx.shape[0], weight.shape[0], kept.stride(1), kept.stride(0),
@@ -180,13 +184,6 @@ _BODIES: dict[str, Callable[..., Tensor]] = {
     "rows_linear_dx": rows_linear_dx_triton,
     "cols_linear_dx": cols_linear_dx_triton,
 }
-
-
-def _ops() -> Any:
-    # The checks live with the public ops; imported late because ops.py imports this module.
-    from sparselora_fx.runtime import ops
-
-    return ops
 
 
 # --------------------------------------------------------------------------- selection
@@ -244,7 +241,7 @@ def _swap_rule(public: str) -> Callable[..., Any]:
         if (not args or not isinstance(args[0], Tensor) or not lowers(args[0])
                 or not _compat.plain_tensor_types(types) or _compat.triton_decomposition_disabled()):
             return mode.__torch_dispatch__(op, types, args, kwargs)
-        LOWERED[public] += 1
+        counters["sparselora"][f"lowered_{public}"] += 1
         with mode:
             return getattr(getattr(torch.ops, NAMESPACE), triton_name)(*args, **(kwargs or {}))
 
@@ -264,7 +261,8 @@ def is_registered() -> bool:
 def register(opdefs: dict[str, Any]) -> bool:
     """Register the triton_ops and attach a swap rule to each public op in `opdefs` (name -> CustomOpDef).
 
-    Called once by ops.py after defining the public ops; returns whether the lowering is active.
+    Called once, when this module is imported (the backend imports it), with the ops that
+    ``runtime/ops.py`` defined; returns whether the lowering is active.
     """
     global _REGISTERED
     mode_cls = _compat.functional_tensor_mode()
@@ -294,3 +292,7 @@ def _kernel_source() -> list[Any]:
         return [JITFunction(_triton_gather_mm.gather_mm_kernel)]
     except Exception:  # pragma: no cover - a triton without the class: the cache key misses the source
         return []
+
+
+# On CUDA, compiled graphs get the Triton kernels themselves in place of the public ops.
+register(_runtime_ops.OPDEFS)

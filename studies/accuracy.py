@@ -1,6 +1,6 @@
 """Fine-tuning accuracy on real weights: does sparse training keep dense LoRA's accuracy?
 
-Why: estimator fidelity (``sparselora_fx.fidelity``) says how well a rule ranks channels; what a
+Why: estimator fidelity (``studies.fidelity``) says how well a rule ranks channels; what a
 user needs is the accuracy after fine-tuning, trained sparse and evaluated dense (as the method
 is used). A task only counts if it discriminates: random channel selection must lose clearly
 against dense LoRA, otherwise every rule "matches" dense and the study shows nothing.
@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .errors import SparseLoRAError
+from sparselora_fx.errors import SparseLoRAError
 
 __all__ = [
     "AccuracyError",
@@ -202,7 +202,7 @@ def study_runs(seeds: Sequence[int] = (0, 1, 2), selections: Sequence[str] = SEL
 
 
 def _policy(spec: RunSpec, steps: int) -> Any:
-    from .policy import DEFAULT_ESTIMATORS, EstimatorSpec, Policy, Rule
+    from sparselora_fx.policy import DEFAULT_ESTIMATORS, EstimatorSpec, Policy, Rule
 
     est = {"token_sample": DEFAULT_ESTIMATORS["mlp"], "recipe": DEFAULT_ESTIMATORS["mlp"],
            "dense_tail": DEFAULT_ESTIMATORS["mlp"],
@@ -299,7 +299,7 @@ def evaluate_sparse(model: Any, enc: dict[str, torch.Tensor], cfg: StudyConfig, 
     if selection not in SELECTIONS:  # recipe / dense_tail: their dense phases are training-time rules
         raise AccuracyError(f"sparse evaluation takes a plain selection ({', '.join(SELECTIONS)}), "
                             f"not {selection!r}.")
-    from .runtime.estimators import reset_random_estimators
+    from sparselora_fx.runtime.estimators import reset_random_estimators
 
     torch._dynamo.reset()
     reset_random_estimators()  # "random" draws the same channels whatever ran before
@@ -314,7 +314,7 @@ def train_run(spec: RunSpec, cfg: StudyConfig, train: dict[str, torch.Tensor], e
               model_path: Path, sparse_eval: tuple[str, float] | None = None) -> dict[str, Any]:
     """Fine-tune once (compiled; sparse through the backend unless dense) and evaluate dense
     (and, with `sparse_eval` = (selection, sparsity), sparse too: `evaluate_sparse`)."""
-    from .runtime.estimators import reset_random_estimators
+    from sparselora_fx.runtime.estimators import reset_random_estimators
 
     torch._dynamo.reset()
     reset_random_estimators()
@@ -323,7 +323,7 @@ def train_run(spec: RunSpec, cfg: StudyConfig, train: dict[str, torch.Tensor], e
         compiled = torch.compile(model, backend=cfg.inner)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     if spec.selection != "dense":
-        from .runtime.schedule import StepSchedule
+        from sparselora_fx.runtime.schedule import StepSchedule
 
         policy = _policy(spec, cfg.steps)
         options: dict[str, Any] = {"policy": policy, "inner": cfg.inner, "progress": False}
@@ -446,7 +446,7 @@ def run_study(out: str | Path, cfg: StudyConfig = StudyConfig(), runs: Sequence[
     `sparse_eval` = (selection, sparsity) also evaluates each new run sparse (`evaluate_sparse`);
     keep such runs in a file of their own, since they are a diagnostic beside the protocol.
     """
-    from .fidelity import minilm_path
+    from studies.fidelity import minilm_path
 
     import transformers as tf
 
