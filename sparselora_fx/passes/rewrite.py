@@ -205,7 +205,6 @@ class FusedRewrites:
         Call once, after every group's rewriter ran; a fused projection whose parts overlap stays
         dense (appended to ``skipped`` with the reason).
         """
-        ops = _ops()
         for key, chosen in self.chosen.items():
             parent = chosen[0][0].parent
             graph = parent.graph_module.graph
