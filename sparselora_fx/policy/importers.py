@@ -22,15 +22,7 @@ __all__ = ["from_reference_json", "from_reference_yaml"]
 
 
 def from_reference_yaml(cls: Any, path: str | os.PathLike, *, prefix: str = "model.") -> Any:
-    """Import a sparsity YAML of the reference release (configs/sparsity/*.yaml).
-
-    Why: users arrive with those files. Reads `sparsity` (`layers.N.mlp` /
-    `layers.N.self_attn` -> mlp / attn; 0 = dense), `start_step` (a fraction < 1 ->
-    warmup_fraction, an int >= 1 -> warmup_steps), `skip_output_tokens` (true ->
-    output_dense), `mode` ("svd_K" -> SVD rank K, "dense" -> no sparsity). The informative
-    `ffn_sparsity` / `qkvo_sparsity` strings are ignored. Names get `prefix` prepended
-    (`layers.3.mlp` -> `model.layers.3.mlp`).
-    """
+    """The body of ``Policy.from_reference_yaml`` (its docstring says what is read); ``cls`` is the class to build."""
     try:
         import yaml
     except ImportError:
@@ -74,14 +66,7 @@ def from_reference_yaml(cls: Any, path: str | os.PathLike, *, prefix: str = "mod
 def from_reference_json(
     cls: Any, path: str | os.PathLike, mode: str | None = None, *, tokens: str = "output_dense"
 ) -> Any:
-    """Import a reference-release JSON preset (`{"modes": {"o1": {"layer_sparsity": ...}}}`).
-
-    Why: the release's newer package ships presets as JSON next to its predictor factors.
-    `mode` picks one entry of `modes` (required when there are several); `predictor_rank`
-    sets the SVD rank; `start_step` (top level or in the mode), when present, sets the
-    warm-up. The JSON does not say how output tokens are treated; `tokens` (default
-    output_dense, the paper's recommendation) does.
-    """
+    """The body of ``Policy.from_reference_json`` (its docstring says what is read); ``cls`` is the class to build."""
     p = Path(path)
     source = str(p)
     text = _read_text(p)

@@ -485,5 +485,12 @@ class Policy:
     def from_reference_json(
         cls, path: str | os.PathLike, mode: str | None = None, *, tokens: str = "output_dense"
     ) -> Policy:
-        """Import a reference-release JSON preset (``policy.importers.from_reference_json`` says how)."""
+        """Import a reference-release JSON preset (`{"modes": {"o1": {"layer_sparsity": ...}}}`).
+
+        Why: the release's newer package ships presets as JSON next to its predictor factors.
+        `mode` picks one entry of `modes` (required when there are several); `predictor_rank`
+        sets the SVD rank; `start_step` (top level or in the mode), when present, sets the
+        warm-up. The JSON does not say how output tokens are treated; `tokens` (default
+        output_dense, the paper's recommendation) does.
+        """
         return importers.from_reference_json(cls, path, mode, tokens=tokens)
