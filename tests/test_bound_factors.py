@@ -219,3 +219,26 @@ def test_refresh_factors_marks_the_bound_factors_stale_and_the_next_call_refills
     assert not torch.equal(binding.p, before)
     p, q = fc.compute_factors(gate.detach(), 4)
     assert torch.equal(binding.p, p) and torch.equal(binding.q, q)
+
+
+@pytest.mark.inductor
+@pytest.mark.slow
+def test_under_inductor_the_step_reads_the_graphs_factors_and_matches_aot_eager():
+    """One cold Inductor compile: the buffers reach Inductor's graph as inputs; from the second
+    step on nothing is looked up, and the loss is aot_eager's."""
+    batch = tiny_batch("llama")
+    model = build_tiny_model("llama", num_layers=2, dtype=torch.float64, init_lora_b=True)
+    reference = copy.deepcopy(model)
+    fn = torch.compile(model, backend="sparselora", options={**OPTIONS, "inner": "inductor"})
+    first = _step(fn, batch, model)
+    assert counters["sparselora"]["factors_bound"] == 10
+    counters.clear()
+    second = _step(fn, batch, model)
+    c = counters["sparselora"]
+    assert c["factor_lookups"] == 0 and c["fingerprints_computed"] == 0 and c["factor_cache_hits"] == 0, dict(c)
+    want = _step(torch.compile(reference, backend="sparselora", options=OPTIONS), batch, reference)
+    for (op_a, a), (op_b, b) in zip(second[2], want[2]):
+        assert op_a == op_b
+        for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            assert torch.equal(x, y), op_a
+    torch.testing.assert_close(first[0], want[0], rtol=1e-10, atol=1e-12)

@@ -608,8 +608,8 @@ def rewrite_graph(gm: GraphModule, plan: Plan, example_inputs: list[Any], skippe
         done += 1
     fused.finish(skipped)
     factors.finish()
-    if factors.bindings:  # get_attr nodes (and op operands) in the top-level graph
-        touched.setdefault(id(gm), Scope(gm))
+    if factors.bindings and not any(scope.gm is gm for scope in touched.values()):
+        touched[id(gm)] = Scope(gm)  # get_attr nodes (and op operands) in the top-level graph
     if in_subgraph:
         skipped.append(Skipped("tokens", f"output_dense: {in_subgraph} group(s) in sub-graphs run every token "
                                "sparse (the token split lives in the top-level graph)"))
