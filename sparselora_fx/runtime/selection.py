@@ -231,6 +231,13 @@ def rope_units(head_dim: int, rotary_dim: int, rope: str) -> RopeUnits:
     return RopeUnits(rot=rot, passthrough=tuple(range(rotary_dim, head_dim)))
 
 
+@functools.lru_cache(maxsize=64)
+def _rot_index(head_dim: int, rotary_dim: int, rope: str, device: torch.device) -> torch.Tensor:
+    """``rope_units(...).rot`` as an int64 tensor on ``device``, made once: a step copies no host
+    list to the device (a copy a CUDA-graph capture could not hold)."""
+    return torch.tensor(rope_units(head_dim, rotary_dim, rope).rot, dtype=torch.int64, device=device)
+
+
 def qk_keep_channels(head_dim: int, rotary_dim: int, rope: str, keep_rot: int, keep_pass: int) -> int:
     """Channels kept per head (the same for every head): keep_rot units plus keep_pass dims."""
     units = rope_units(head_dim, rotary_dim, rope)
@@ -267,7 +274,7 @@ def select_head_dims(
     qk_keep_channels(head_dim, rotary_dim, rope, keep_rot, keep_pass)
     parts = []
     if keep_rot:
-        rot = torch.tensor(units.rot, dtype=torch.int64, device=scores.device)  # [n_rot, w]
+        rot = _rot_index(head_dim, rotary_dim, rope, scores.device)  # [n_rot, w]
         unit_scores = scores[:, rot].sum(dim=-1)  # [kv, n_rot]
         top = torch.topk(unit_scores, keep_rot, dim=-1).indices  # [kv, keep_rot]
         parts.append(rot[top].reshape(scores.shape[0], -1))
