@@ -242,3 +242,36 @@ def test_under_inductor_the_step_reads_the_graphs_factors_and_matches_aot_eager(
         for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
             assert torch.equal(x, y), op_a
     torch.testing.assert_close(first[0], want[0], rtol=1e-10, atol=1e-12)
+
+
+def test_a_graph_compiled_without_weight_values_looks_the_factors_up_at_run_time():
+    """DDPOptimizer compiles each piece with fake inputs (DDP's own test, tests/test_ddp.py, runs
+    the whole thing): no values, so no factors in the graph; its select ops look them up per step,
+    through the fingerprint memo, and choose what the bound path chooses."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    settings = Settings.from_options(OPTIONS)
+
+    def backend(gm, example_inputs, **_):  # as DDPOptimizer does: the passes see fakes
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        fakes = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+        _, rewritten = analyse_and_rewrite(gm, fakes, settings)
+        assert not bound_factors.bindings_of(rewritten)
+        return bound_factors.guard(_compat.lookup_backend("aot_eager")(rewritten, example_inputs), rewritten)
+
+    model = build_tiny_model("llama", num_layers=1, dtype=torch.float64, init_lora_b=True)
+    reference = copy.deepcopy(model)
+    batch = tiny_batch("llama")
+    fn = torch.compile(model, backend=backend)
+    _step(fn, batch, model)
+    assert counters["sparselora"]["factors_bound"] == 0 and counters["sparselora"]["groups_rewritten"] == 3
+    counters.clear()
+    looked_up = _step(fn, batch, model)
+    assert counters["sparselora"]["factor_lookups"] == 5  # gate, up, v, q, k: every step
+    torch._dynamo.reset()
+    bound = _step(torch.compile(reference, backend="sparselora", options=OPTIONS), batch, reference)
+    assert [op for op, _ in looked_up[2]] == [op for op, _ in bound[2]]
+    for (_, a), (_, b) in zip(looked_up[2], bound[2]):
+        for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            assert torch.equal(x, y)
+    torch.testing.assert_close(looked_up[0], bound[0], rtol=0, atol=0)
