@@ -118,7 +118,7 @@ def test_a_compiled_sparse_step_reads_the_factors_as_graph_inputs_and_looks_noth
     # trains the same: same kept sets, same loss and gradients.
     torch._dynamo.reset()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(graph_factors.GraphFactors, "_pair", lambda self, unit, rank: None)
+        mp.setattr(graph_factors.GraphFactors, "_binding", lambda self, unit, rank: None)
         counters.clear()
         looked_up = _step(torch.compile(reference, backend="sparselora", options=OPTIONS), batch, reference)
         assert counters["sparselora"]["factor_lookups"] > 0 and counters["sparselora"]["factors_bound"] == 0
@@ -133,11 +133,17 @@ def test_a_compiled_sparse_step_reads_the_factors_as_graph_inputs_and_looks_noth
         torch.testing.assert_close(first[1][name], looked_up[1][name], rtol=0, atol=0, msg=name)
 
 
-def test_checkpoint_bodies_get_the_factors_as_operands(monkeypatch):
+@pytest.fixture
+def dynamo_checkpoint_switch():
+    """Restores the Dynamo switch ``enable_activation_checkpointing`` sets (as tests/test_integrations.py)."""
+    before = torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint
+    yield
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = before
+
+
+def test_checkpoint_bodies_get_the_factors_as_operands(monkeypatch, dynamo_checkpoint_switch):
     """Activation checkpointing: the units sit in a ``wrap_body_*`` sub-graph; its factors come in
     as operands of the checkpoint op (placeholders of the body), not as tensors the body holds."""
-    monkeypatch.setattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint",
-                        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint)
     model = build_tiny_model("llama", num_layers=1, dtype=torch.float64, init_lora_b=True)
     enable_activation_checkpointing(model)
     batch = tiny_batch("llama")

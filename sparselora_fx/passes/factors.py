@@ -34,24 +34,20 @@ class GraphFactors:
 
     def nodes_for(self, units: list[LoraUnit | None], rank: int) -> list[Node | None]:
         """[P, Q] nodes for each unit (in ``units``' scope), or all None if any unit has none."""
+        present = [u for u in units if u is not None]
+        bindings = [self._binding(u, rank) for u in present]
+        if any(b is None for b in bindings):  # all or none: no graph input left without a reader
+            return [None] * (2 * len(present))
         out: list[Node | None] = []
-        for unit in units:
-            if unit is None:
-                continue
-            pair = self._pair(unit, rank)
-            if pair is None:
-                return [None] * (2 * sum(u is not None for u in units))
-            out.extend(pair)
+        for unit, binding in zip(present, bindings):
+            out.extend(self._in_scope(unit.scope, binding))  # type: ignore[arg-type]
         return out
 
-    def _pair(self, unit: LoraUnit, rank: int) -> tuple[Node, Node] | None:
+    def _binding(self, unit: LoraUnit, rank: int) -> bound_factors.Binding | None:
         param = self.real.get(unit.scope.resolve(unit.weight))  # type: ignore[arg-type]
         if param is None:
             return None
-        binding = bound_factors.bind(param, orientation(unit), rank, orient)
-        if binding is None:
-            return None
-        return self._in_scope(unit.scope, binding)
+        return bound_factors.bind(param, orientation(unit), rank, orient)
 
     def _in_scope(self, scope: Scope, binding: bound_factors.Binding) -> tuple[Node, Node]:
         if scope.parent is None:
