@@ -262,3 +262,11 @@ def allow_checkpoint_forward_side_effects() -> bool:
         return False
     config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     return True
+
+
+def constant_source(name: str) -> Any:
+    """A Dynamo source for a tensor the backend adds to a graph module (estimator factors): AOTAutograd
+    wants one per lifted buffer of a Dynamo graph (``_param_name_to_source``)."""
+    from torch._dynamo.source import ConstantSource
+
+    return ConstantSource(f"__sparselora_{name}")

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch.fx import GraphModule
 
-from . import _compat
+from . import _compat, bound_factors
 from .dump import Dumper
 from .errors import OptionsError, PolicyError
 from .passes.analyse.groups import Skipped
@@ -122,7 +122,15 @@ def raise_if_strict(err: Exception) -> None:
 
 
 def lower(gm: GraphModule, example_inputs: list[Any], settings: Settings, mode: str | None = None) -> Callable[..., Any]:
-    """Hand the (rewritten) graph to the inner compiler the settings name."""
+    """Hand the (rewritten) graph to the inner compiler the settings name.
+
+    A graph holding estimator factors (``bound_factors``) comes back guarded: before each call the
+    factors of weights changed since (``load_state_dict``, ``refresh_factors``) are refilled in place.
+    """
+    return bound_factors.guard(_lower(gm, example_inputs, settings, mode), gm)
+
+
+def _lower(gm: GraphModule, example_inputs: list[Any], settings: Settings, mode: str | None) -> Callable[..., Any]:
     if settings.inner == "eager":
         return gm.forward
     if settings.inner == "aot_eager":

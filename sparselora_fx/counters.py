@@ -24,6 +24,11 @@ name                               what one bump means                          
 ``factor_cache_unusable``          a weight whose factors are not finite (runs a fallback) ``factor_cache``
 ``factor_cache_disk_writes``       a cache file written                                    ``factor_cache``
 ``factor_cache_rejected_files``    a cache file ignored as foreign, stale or corrupt       ``factor_cache``
+``factor_lookups``                 a step looked a weight's factors up (its graph was      ``factor_cache``
+                                   compiled without the weight's values: a DDP piece)
+``factors_bound``                  a weight's factors made graph inputs at compile time    ``bound_factors``
+``factor_refills``                 a graph's factors refilled in place after the weight    ``bound_factors``
+                                   changed (``load_state_dict``, ``refresh_factors``)
 =================================  =====================================================  ======================
 
 ``counters.clear()`` empties every namespace in place (the ``Counter`` objects stay), so the old

@@ -483,6 +483,8 @@ def get_factors(weight: torch.Tensor, rank: int, *, at_compile_time: bool = Fals
         )
     if weight.numel() == 0 or not has_values(weight, at_compile_time=at_compile_time):
         return None
+    if not at_compile_time:  # a step looked the factors up (graphs that hold them never do)
+        counters["sparselora"]["factor_lookups"] += 1
     fp = fingerprint(weight)
     k = effective_rank(weight.shape, rank)
     key = (fp, k, str(weight.device))
@@ -534,6 +536,11 @@ def prepare_factors(
     return result
 
 
+#: Called by `refresh_factors` with (ids, storage keys, everything) of the tensors it was given;
+#: `bound_factors` registers the hook that marks the factors graphs hold for those weights stale.
+_REFRESH_HOOKS: list = []
+
+
 def _plain(t: torch.Tensor) -> bool:
     return type(t) in (torch.Tensor, torch.nn.Parameter)
 
@@ -557,7 +564,9 @@ def refresh_factors(model: torch.nn.Module | Iterable[torch.Tensor]) -> int:
     `_version` (`load_state_dict`, `p.copy_(new)` under `no_grad`) need no call. The next lookup
     of each weight (the next step) hashes it again: a changed weight gets factors built for its new
     values (or read from a verified cache file), an unchanged one takes its factors back without
-    an SVD. No recompile: the compiled graph reads the factors through this cache at run time.
+    an SVD. No recompile: a compiled graph that holds its weights' factors as inputs
+    (`bound_factors`) has them copied in place before its next call; one that looks them up at
+    run time (weights without values at compile time) reads them through this cache.
 
     `model` is a module (its `parameters()` and `buffers()`) or an iterable of tensors; memo
     entries of other tensors sharing their storage (a `.data` alias) go too. Parameters that are
@@ -588,7 +597,9 @@ def refresh_factors(model: torch.nn.Module | Iterable[torch.Tensor]) -> int:
         _STATE.retired = {k: v for k, v in _STATE.factors.items() if k[0] in gone}
         for k in _STATE.retired:
             del _STATE.factors[k]
-        return len(forgotten)
+    for hook in _REFRESH_HOOKS:  # factors compiled graphs hold (bound_factors): refilled before their next call
+        hook(ids, storages, everything)
+    return len(forgotten)
 
 
 def cache_stats() -> CacheStats:

@@ -26,6 +26,7 @@ from .analyse.groups import Group, Skipped
 from .plan import GroupPlan, Plan
 from .tokens import Budget, TokenSplit, drop_markers, find_output_tokens, insert_token_split, merge_rows, take_rows
 from .analyse.units import FusedPart, LoraUnit, Scope
+from .factors import GraphFactors
 from .weights import real_weights
 
 log = logging.getLogger("sparselora_fx")
@@ -342,7 +343,17 @@ def _estimator_args(gp: GroupPlan) -> tuple[str, int, int, int, float]:
     return e.kind, e.rank, e.samples, e.seed, e.fraction
 
 
-def _rewrite_mlp(gp: GroupPlan, mask: Node | None, split: TokenSplit | None = None) -> None:
+def _factor_args(gp: GroupPlan, factors: GraphFactors | None, *units: LoraUnit | None) -> tuple[Node | None, ...]:
+    """The select op's factor arguments: the graph's P, Q nodes of each estimated unit (SVD with
+    values at compile time), else Nones (the op looks them up at run time)."""
+    n = 2 * sum(u is not None for u in units)
+    if factors is None or gp.estimator.kind != "svd":
+        return (None,) * n
+    return tuple(factors.nodes_for(list(units), gp.estimator.rank))
+
+
+def _rewrite_mlp(gp: GroupPlan, mask: Node | None, split: TokenSplit | None = None,
+                 factors: GraphFactors | None = None) -> None:
     group = gp.group
     ops = _ops()
     if group.kind == "gated_mlp":
@@ -368,7 +379,8 @@ def _rewrite_mlp(gp: GroupPlan, mask: Node | None, split: TokenSplit | None = No
         s2 = _selection_bias(graph, second, b2) if second is not None else None
         idx = graph.call_function(
             ops.select_mlp.default,
-            (x, w1, s1, w2, s2, mask, gp.keep, group.act, *_estimator_args(gp)),
+            (x, w1, s1, w2, s2, mask, gp.keep, group.act, *_estimator_args(gp),
+             *_factor_args(gp, factors, first, second)),
         )
     if first.part is not None:
         _rows_fused_mlp(graph, [u for u in (first, second) if u is not None], idx, gp.keep)
@@ -416,7 +428,7 @@ def _rows_fused_mlp(graph: Graph, parts: list[LoraUnit], idx: Node, keep: int) -
 
 
 def _rewrite_vo(gp: GroupPlan, mask: Node | None, split: TokenSplit | None = None,
-                fused: FusedRewrites | None = None) -> None:
+                fused: FusedRewrites | None = None, factors: GraphFactors | None = None) -> None:
     group = gp.group
     ops = _ops()
     v, o = group.units
@@ -428,7 +440,7 @@ def _rewrite_vo(gp: GroupPlan, mask: Node | None, split: TokenSplit | None = Non
         sel = graph.call_function(
             ops.select_vo.default,
             (v.base.input, wv, _selection_bias(graph, v, bv), mask, gp.keep, group.num_heads, group.num_kv_heads,
-             group.head_dim, *_estimator_args(gp)),
+             group.head_dim, *_estimator_args(gp), *_factor_args(gp, factors, v)),
         )
         idx_v = graph.call_function(operator.getitem, (sel, 0))
         idx_o = graph.call_function(operator.getitem, (sel, 1))
@@ -450,7 +462,7 @@ def _rewrite_vo(gp: GroupPlan, mask: Node | None, split: TokenSplit | None = Non
 
 
 def _rewrite_qk(gp: GroupPlan, mask: Node | None, split: TokenSplit | None = None,
-                fused: FusedRewrites | None = None) -> None:
+                fused: FusedRewrites | None = None, factors: GraphFactors | None = None) -> None:
     group = gp.group
     ops = _ops()
     q, k = group.units
@@ -472,7 +484,8 @@ def _rewrite_qk(gp: GroupPlan, mask: Node | None, split: TokenSplit | None = Non
         sel = graph.call_function(
             ops.select_qk.default,
             (q.base.input, wq, sq, k.base.input, wk, sk, mask, gp.keep, gp.keep_pass, group.num_heads,
-             group.num_kv_heads, group.head_dim, group.rope, rotary_dim, *_estimator_args(gp)),
+             group.num_kv_heads, group.head_dim, group.rope, rotary_dim, *_estimator_args(gp),
+             *_factor_args(gp, factors, q, k)),
         )
         idx_q = graph.call_function(operator.getitem, (sel, 0))
         idx_k = graph.call_function(operator.getitem, (sel, 1))
@@ -575,6 +588,7 @@ def rewrite_graph(gm: GraphModule, plan: Plan, example_inputs: list[Any], skippe
     done = 0
     in_subgraph = 0
     fused = FusedRewrites()
+    factors = GraphFactors(gm, real)
     for gp in list(plan.groups):
         group = gp.group
         scope_id = id(group.units[0].scope)
@@ -583,7 +597,7 @@ def rewrite_graph(gm: GraphModule, plan: Plan, example_inputs: list[Any], skippe
         try:
             _check(gp, real)
             REWRITERS[group.kind](gp, group.mask or masks.get(scope_id), split if scope_id == split_scope else None,
-                                  **({"fused": fused} if group.kind.startswith("attn") else {}))
+                                  **({"fused": fused} if group.kind.startswith("attn") else {}), factors=factors)
         except CannotRewrite as err:
             warnings.warn(f"sparselora: {group.name} ({group.kind}) stays dense: {err}", stacklevel=3)
             skipped.append(Skipped(group.name, f"{group.kind} not rewritten: {err}"))
@@ -592,6 +606,9 @@ def rewrite_graph(gm: GraphModule, plan: Plan, example_inputs: list[Any], skippe
         touched[id(group.units[0].scope)] = group.units[0].scope
         done += 1
     fused.finish(skipped)
+    factors.finish()
+    if factors.bindings and not any(scope.gm is gm for scope in touched.values()):
+        touched[id(gm)] = Scope(gm)  # get_attr nodes (and op operands) in the top-level graph
     if in_subgraph:
         skipped.append(Skipped("tokens", f"output_dense: {in_subgraph} group(s) in sub-graphs run every token "
                                "sparse (the token split lives in the top-level graph)"))
@@ -613,8 +630,15 @@ def refresh_meta(gm: GraphModule) -> None:
     if mode is None:
         log.debug("refresh_meta: no fake mode on the placeholders; meta left as is")
         return
+    class _Prop(FakeTensorProp):
+        def get_attr(self, target, args, kwargs):  # real buffers (estimator factors) as fakes
+            value = super().get_attr(target, args, kwargs)
+            if isinstance(value, torch.Tensor) and not hasattr(value, "fake_mode"):
+                return mode.from_tensor(value, static_shapes=True)
+            return value
+
     with mode:
-        FakeTensorProp(gm, mode=mode).propagate_dont_convert_inputs(*args)
+        _Prop(gm, mode=mode).propagate_dont_convert_inputs(*args)
     for node in gm.graph.nodes:
         if "val" in node.meta:
             node.meta["example_value"] = node.meta["val"]

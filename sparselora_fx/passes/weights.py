@@ -27,16 +27,34 @@ def real_weights(gm: GraphModule, example_inputs: list[Any]) -> dict[Node, torch
 
 
 
+def orientation(unit: LoraUnit) -> tuple[bool, int, int, int, int]:
+    """How ``_oriented`` derives the select ops' weight from the parameter, as plain ints:
+    (transposed, offset, width, block, period) of ``unit``'s part (0, 0, 0, 0 for a whole weight).
+
+    Why plain ints: the factors a graph holds (``bound_factors``) are refilled from the parameter
+    after a weight change, so the binding keeps the recipe, never the unit (nor its graph).
+    """
+    part = unit.part
+    if part is None:
+        return (bool(unit.base.weight_transposed), 0, 0, 0, 0)
+    return (bool(unit.base.weight_transposed), part.offset, part.width, part.block, part.period)
+
+
+def orient(weight: torch.Tensor, spec: tuple[bool, int, int, int, int]) -> torch.Tensor:
+    """The tensor ``orientation`` describes, from the parameter's value."""
+    transposed, offset, width, block, period = spec
+    w = weight.t() if transposed else weight
+    if width == 0:
+        return w
+    if block == width:
+        return w[offset:offset + width]
+    return w.unflatten(0, (-1, period))[:, offset:offset + block].flatten(0, 1)
+
+
 def oriented_weight(unit: LoraUnit, weight: torch.Tensor) -> torch.Tensor:
     """The value ``_oriented`` gives the sparse ops for ``unit``, from the frozen weight's value.
 
     Why: estimator factors are keyed by the values of exactly that tensor, so they can be built
     at compile time (``pass_prepare_estimators``) rather than on the first step.
     """
-    w = weight.t() if unit.base.weight_transposed else weight
-    part = unit.part
-    if part is None:
-        return w
-    if part.block == part.width:
-        return w[part.offset:part.offset + part.width]
-    return w.unflatten(0, (-1, part.period))[:, part.offset:part.offset + part.block].flatten(0, 1)
+    return orient(weight, orientation(unit))

@@ -10,8 +10,10 @@ picks of the sampler) are exactly zero, and every activation the selection code 
 to 0, so those rows never contribute to a score.
 
 Kinds:
-- ``svd``: `x P Q + b` with rank-k factors of W^T from `factor_cache.get_factors` (k = 8 by
-  default); falls back to ``token_sample`` with one warning if the factors are unusable.
+- ``svd``: `x P Q + b` with rank-k factors of W^T (k = 8 by default): those the compiled graph
+  holds as inputs (built at compile time, `bound_factors`) or, for weights that had no values at
+  compile time, from `factor_cache.get_factors`; falls back to ``token_sample`` with one warning
+  if the factors are unusable.
 - ``token_sample``: the exact `x[s] W^T + b` on `m` tokens sampled among the unmasked ones,
   deterministic for a seed, with no host sync (usable inside torch.compile, dynamic shapes).
   `m = samples`, or with `fraction` set `m = max(samples, floor(fraction * T))`: a sample that
@@ -245,9 +247,11 @@ class SvdEstimator(Estimator):
             warnings.warn(msg, RuntimeWarning, stacklevel=4)
         return TokenSampleEstimator(samples=self.samples, seed=self.seed)
 
-    def estimate(self, x2d, weight, bias, mask=None):
+    def estimate(self, x2d, weight, bias, mask=None, factors=None):
+        """``factors`` = (P, Q) held by the compiled graph (``bound_factors``); None: look them up."""
         _check_inputs(x2d, mask)
-        factors = factor_cache.get_factors(weight, self.rank)
+        if factors is None:
+            factors = factor_cache.get_factors(weight, self.rank)
         if factors is None:
             return self._fallback(weight).estimate(x2d, weight, bias, mask)
         p, q = factors
@@ -259,11 +263,12 @@ class SvdEstimator(Estimator):
             y = y * row[:, None]
         return y
 
-    def column_norms(self, x2d, linears, mask=None):
+    def column_norms(self, x2d, linears, mask=None, factors=None):
         # ||x P Q_c + b_c||^2 over tokens = [Q; b]_c^T G [Q; b]_c with G = Z^T Z, Z = [x P, 1]
         # (masked rows zeroed): a [k+1, k+1] Gram matrix instead of the [T, out] estimate. The
         # projections x P of all linears come from one GEMM: x is read once (memory-bound on CPU).
-        factors = [factor_cache.get_factors(w, self.rank) for w, _ in linears]
+        if factors is None:
+            factors = [factor_cache.get_factors(w, self.rank) for w, _ in linears]
         if any(f is None for f in factors):
             return self._fallback(linears[0][0]).column_norms(x2d, linears, mask)
         xw = _wide(x2d)
@@ -283,12 +288,14 @@ class SvdEstimator(Estimator):
             out.append(((gram @ q) * q).sum(dim=0).clamp_min(0).sqrt())
         return out
 
-    def estimate_many(self, x2d, linears, mask=None):
+    def estimate_many(self, x2d, linears, mask=None, factors=None):
         # Rows must stay aligned across the linears (a gated MLP multiplies gate and up
         # estimates): if any weight lacks usable factors, every one of them is token-sampled.
-        if any(factor_cache.get_factors(w, self.rank) is None for w, _ in linears):
+        if factors is None:
+            factors = [factor_cache.get_factors(w, self.rank) for w, _ in linears]
+        if any(f is None for f in factors):
             return self._fallback(linears[0][0]).estimate_many(x2d, linears, mask)
-        return [self.estimate(x2d, w, b, mask) for w, b in linears]
+        return [self.estimate(x2d, w, b, mask, f) for (w, b), f in zip(linears, factors)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -141,14 +141,17 @@ def mlp_scores(
     mask: torch.Tensor | None,
     act: str,
     estimator: Estimator,
+    **factors,
 ) -> torch.Tensor:
-    """Score of each intermediate channel: ||act(g^) * u^|| (gated) or ||act(h^)|| (plain)."""
+    """Score of each intermediate channel: ||act(g^) * u^|| (gated) or ||act(h^)|| (plain).
+
+    ``factors``: ``factors=[(P, Q), ...]`` for an SVD estimator whose factors the graph holds."""
     fn = activation(act)
     x2d, m = _flatten(x, mask)
     if w2 is None:
-        (h,) = estimator.estimate_many(x2d, [(w1, b1)], m)
+        (h,) = estimator.estimate_many(x2d, [(w1, b1)], m, **factors)
         return column_l2(fn(_wide(h)))
-    g, u = estimator.estimate_many(x2d, [(w1, b1), (w2, b2)], m)
+    g, u = estimator.estimate_many(x2d, [(w1, b1), (w2, b2)], m, **factors)
     return column_l2(fn(_wide(g)) * _wide(u))
 
 
@@ -158,10 +161,11 @@ def vo_scores(
     b_v: torch.Tensor | None,
     mask: torch.Tensor | None,
     estimator: Estimator,
+    **factors,
 ) -> torch.Tensor:
     """Score of each V output channel: ||V^_c|| over tokens."""
     x2d, m = _flatten(x, mask)
-    (norms,) = estimator.column_norms(x2d, [(w_v, b_v)], m)
+    (norms,) = estimator.column_norms(x2d, [(w_v, b_v)], m, **factors)
     return norms
 
 
@@ -227,6 +231,13 @@ def rope_units(head_dim: int, rotary_dim: int, rope: str) -> RopeUnits:
     return RopeUnits(rot=rot, passthrough=tuple(range(rotary_dim, head_dim)))
 
 
+@functools.lru_cache(maxsize=64)
+def _rot_index(head_dim: int, rotary_dim: int, rope: str, device: torch.device) -> torch.Tensor:
+    """``rope_units(...).rot`` as an int64 tensor on ``device``, made once: a step copies no host
+    list to the device (a copy a CUDA-graph capture could not hold)."""
+    return torch.tensor(rope_units(head_dim, rotary_dim, rope).rot, dtype=torch.int64, device=device)
+
+
 def qk_keep_channels(head_dim: int, rotary_dim: int, rope: str, keep_rot: int, keep_pass: int) -> int:
     """Channels kept per head (the same for every head): keep_rot units plus keep_pass dims."""
     units = rope_units(head_dim, rotary_dim, rope)
@@ -263,7 +274,7 @@ def select_head_dims(
     qk_keep_channels(head_dim, rotary_dim, rope, keep_rot, keep_pass)
     parts = []
     if keep_rot:
-        rot = torch.tensor(units.rot, dtype=torch.int64, device=scores.device)  # [n_rot, w]
+        rot = _rot_index(head_dim, rotary_dim, rope, scores.device)  # [n_rot, w]
         unit_scores = scores[:, rot].sum(dim=-1)  # [kv, n_rot]
         top = torch.topk(unit_scores, keep_rot, dim=-1).indices  # [kv, keep_rot]
         parts.append(rot[top].reshape(scores.shape[0], -1))
@@ -348,6 +359,32 @@ def _estimator(estimator: str, rank: int, samples: int, seed: int, fraction: flo
     return get_estimator(estimator, rank=rank, samples=samples, seed=seed, fraction=fraction)
 
 
+def _factors(*pq: torch.Tensor | None) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The ``factors`` keyword for the estimator: (P, Q) pairs the graph passed in, one per linear.
+
+    Why: a graph compiled while its weights had values holds their SVD factors as inputs
+    (``bound_factors``), so the step never looks them up; without them (every P None) the
+    estimator looks them up by the weight's fingerprint, as for weights without values at compile time.
+    """
+    if any(t is None for t in pq):
+        return {}
+    return {"factors": [(pq[i], pq[i + 1]) for i in range(0, len(pq), 2)]}  # type: ignore[misc]
+
+
+def _check_factors(op: str, pq: tuple, linears: tuple) -> None:
+    given = [t is not None for t in pq]
+    if any(given) and not all(given):
+        raise UnsupportedGraphError(f"{op}: pass the factors of every estimated weight, or none.")
+    if not any(given):
+        return
+    for i, w in enumerate(linears):
+        p, q = pq[2 * i], pq[2 * i + 1]
+        if p.dim() != 2 or q.dim() != 2 or p.shape[0] != w.shape[1] or q.shape[1] != w.shape[0] or p.shape[1] != q.shape[0]:
+            raise UnsupportedGraphError(
+                f"{op}: factors P {tuple(p.shape)}, Q {tuple(q.shape)} do not fit a weight of shape {tuple(w.shape)} "
+                "(expected P [in, k], Q [k, out]).")
+
+
 # ----------------------------------------------------------------------------------------------
 # The custom ops.
 
@@ -367,19 +404,29 @@ def select_mlp(
     samples: int = 64,
     seed: int = 0,
     fraction: float = 0.0,
+    p1: torch.Tensor | None = None,
+    q1: torch.Tensor | None = None,
+    p2: torch.Tensor | None = None,
+    q2: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Sorted int64 [keep]: the intermediate channels of a gated (w2 = up) or plain MLP to keep."""
+    """Sorted int64 [keep]: the intermediate channels of a gated (w2 = up) or plain MLP to keep.
+
+    ``p1, q1`` (``p2, q2``): SVD factors of w1 (w2) the graph holds; None: looked up at run time."""
     started = _clock()
     _check_mlp(x, w1, b1, w2, b2, keep, act)
+    pq = (p1, q1) if w2 is None else (p1, q1, p2, q2)
+    _check_factors("select_mlp", pq, (w1,) if w2 is None else (w1, w2))
     est = _estimator(estimator, rank, samples, seed, fraction)
     with torch.no_grad():
-        scores = mlp_scores(x.detach(), w1, b1, w2, b2, mask, act, est)
+        scores = mlp_scores(x.detach(), w1, b1, w2, b2, mask, act, est, **_factors(*pq))
         return _record("select_mlp", topk_sorted(scores, keep), started)
 
 
 @select_mlp.register_fake
-def _(x, w1, b1, w2, b2, mask, keep, act, estimator="svd", rank=8, samples=64, seed=0, fraction=0.0):
+def _(x, w1, b1, w2, b2, mask, keep, act, estimator="svd", rank=8, samples=64, seed=0, fraction=0.0,
+      p1=None, q1=None, p2=None, q2=None):
     _check_mlp(x, w1, b1, w2, b2, keep, act)
+    _check_factors("select_mlp", (p1, q1) if w2 is None else (p1, q1, p2, q2), (w1,) if w2 is None else (w1, w2))
     _estimator(estimator, rank, samples, seed, fraction)
     return x.new_empty((keep,), dtype=torch.int64)
 
@@ -399,20 +446,26 @@ def select_vo(
     samples: int = 64,
     seed: int = 0,
     fraction: float = 0.0,
+    p_v: torch.Tensor | None = None,
+    q_v: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(idx_v [keep], idx_o [keep * g]): V output channels and the matching O input channels."""
+    """(idx_v [keep], idx_o [keep * g]): V output channels and the matching O input channels.
+
+    ``p_v, q_v``: SVD factors of w_v the graph holds; None: looked up at run time."""
     started = _clock()
     _check_vo(x, w_v, b_v, keep, num_heads, num_kv_heads, head_dim)
+    _check_factors("select_vo", (p_v, q_v), (w_v,))
     est = _estimator(estimator, rank, samples, seed, fraction)
     with torch.no_grad():
-        idx_v = topk_sorted(vo_scores(x.detach(), w_v, b_v, mask, est), keep)
+        idx_v = topk_sorted(vo_scores(x.detach(), w_v, b_v, mask, est, **_factors(p_v, q_v)), keep)
         return _record("select_vo", (idx_v, kv_to_q_channels(idx_v, num_heads, num_kv_heads, head_dim)), started)
 
 
 @select_vo.register_fake
 def _(x, w_v, b_v, mask, keep, num_heads, num_kv_heads, head_dim, estimator="svd", rank=8,
-      samples=64, seed=0, fraction=0.0):
+      samples=64, seed=0, fraction=0.0, p_v=None, q_v=None):
     n_o = _check_vo(x, w_v, b_v, keep, num_heads, num_kv_heads, head_dim)
+    _check_factors("select_vo", (p_v, q_v), (w_v,))
     _estimator(estimator, rank, samples, seed, fraction)
     return x.new_empty((keep,), dtype=torch.int64), x.new_empty((n_o,), dtype=torch.int64)
 
@@ -438,21 +491,30 @@ def select_qk(
     samples: int = 64,
     seed: int = 0,
     fraction: float = 0.0,
+    p_q: torch.Tensor | None = None,
+    q_q: torch.Tensor | None = None,
+    p_k: torch.Tensor | None = None,
+    q_k: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(idx_q [num_heads*keep_ch], idx_k [num_kv_heads*keep_ch]): the same head dims for K head
-    j and every q head of its group, RoPE pairs kept together."""
+    j and every q head of its group, RoPE pairs kept together.
+
+    ``p_q, q_q, p_k, q_k``: SVD factors of w_q and w_k the graph holds; None: looked up at run time."""
     started = _clock()
     _check_qk(x_q, w_q, b_q, x_k, w_k, b_k, keep_rot, keep_pass, num_heads, num_kv_heads,
               head_dim, rope, rotary_dim)
+    _check_factors("select_qk", (p_q, q_q, p_k, q_k), (w_q, w_k))
     est = _estimator(estimator, rank, samples, seed, fraction)
+    fq, fk = _factors(p_q, q_q), _factors(p_k, q_k)
     with torch.no_grad():
         xq2d, mq = _flatten(x_q.detach(), mask)
         xk2d, mk = _flatten(x_k.detach(), mask)
         if x_q is x_k:
-            q_norm, k_norm = est.column_norms(xq2d, [(w_q, b_q), (w_k, b_k)], mq)
+            both = {"factors": fq["factors"] + fk["factors"]} if fq else {}
+            q_norm, k_norm = est.column_norms(xq2d, [(w_q, b_q), (w_k, b_k)], mq, **both)
         else:
-            (q_norm,) = est.column_norms(xq2d, [(w_q, b_q)], mq)
-            (k_norm,) = est.column_norms(xk2d, [(w_k, b_k)], mk)
+            (q_norm,) = est.column_norms(xq2d, [(w_q, b_q)], mq, **fq)
+            (k_norm,) = est.column_norms(xk2d, [(w_k, b_k)], mk, **fk)
         scores = qk_dim_scores(q_norm, k_norm, num_heads, num_kv_heads, head_dim)
         dims = select_head_dims(scores, keep_rot, keep_pass, rope, rotary_dim)
         return _record("select_qk", qk_channel_indices(dims, num_heads, num_kv_heads, head_dim), started)
@@ -460,9 +522,11 @@ def select_qk(
 
 @select_qk.register_fake
 def _(x_q, w_q, b_q, x_k, w_k, b_k, mask, keep_rot, keep_pass, num_heads, num_kv_heads, head_dim,
-      rope, rotary_dim, estimator="svd", rank=8, samples=64, seed=0, fraction=0.0):
+      rope, rotary_dim, estimator="svd", rank=8, samples=64, seed=0, fraction=0.0,
+      p_q=None, q_q=None, p_k=None, q_k=None):
     keep_ch = _check_qk(x_q, w_q, b_q, x_k, w_k, b_k, keep_rot, keep_pass, num_heads,
                         num_kv_heads, head_dim, rope, rotary_dim)
+    _check_factors("select_qk", (p_q, q_q, p_k, q_k), (w_q, w_k))
     _estimator(estimator, rank, samples, seed, fraction)
     return (
         x_q.new_empty((num_heads * keep_ch,), dtype=torch.int64),

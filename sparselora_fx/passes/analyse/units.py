@@ -29,6 +29,7 @@ class Scope:
     name: str = ""
     parent: "Scope | None" = None
     outer_args: dict[Node, object] = field(default_factory=dict)
+    call: Node | None = None  # the higher-order op node in ``parent`` that calls this body
 
     def resolve(self, node: object) -> object:
         """Follow a placeholder out to the outermost graph node that feeds it."""
@@ -259,7 +260,7 @@ def iter_scopes(gm: GraphModule) -> Iterator[Scope]:
                 log.debug("higher-order op %s: %d operands for %d placeholders; not entered",
                           node.name, len(operands), len(placeholders))
                 continue
-            stack.append(Scope(sub, f"{scope.name}{body.target}.", scope, dict(zip(placeholders, operands))))
+            stack.append(Scope(sub, f"{scope.name}{body.target}.", scope, dict(zip(placeholders, operands)), node))
 
 
 def _is_weight(scope: Scope, node: object, trainable: bool) -> bool:
