@@ -261,3 +261,34 @@ def test_per_layer_compiles_warn_once_each_about_the_rule_beyond_the_depth(monke
     ours = _ours(caught)
     assert len(ours) == 4  # one per layer graph (one backend call each), never one per group
     assert all("rules[1]" in m and "rules[0]" not in m for m in ours)
+
+
+def test_plan_carries_the_policys_estimator_spec_and_the_ops_take_its_arguments_in_schema_order() -> None:
+    """One estimator type from policy to op: the plan holds the policy's ``EstimatorSpec`` (with
+    ``options['estimator_rank']`` applied to svd), and ``op_args`` is what every select op's schema
+    names after its own arguments, in that order."""
+    import torch
+
+    from sparselora_fx.passes.analyse.groups import Group
+    from sparselora_fx.passes.plan import make_plan
+    from sparselora_fx.policy import EstimatorSpec, Policy
+    from sparselora_fx.runtime import selection  # noqa: F401  (registers the select ops)
+
+    spec = EstimatorSpec("token_sample", samples=32, fraction=0.03)
+    assert spec.op_args() == ("token_sample", 8, 32, 0, 0.03)
+    assert EstimatorSpec("svd").op_args() == ("svd", 8, 64, 0, 0.0)
+    for op in ("select_mlp", "select_vo", "select_qk"):
+        names = [a.name for a in getattr(torch.ops.sparselora, op).default._schema.arguments]
+        start = names.index("estimator")
+        assert names[start:start + 5] == ["estimator", "rank", "samples", "seed", "fraction"], op
+
+    class _Unit:  # only what make_plan reads of a unit
+        fqn = "model.layers.0.mlp.gate_proj"
+        out_features = 96
+
+    group = Group(kind="gated_mlp", units=[_Unit()], name="model.layers.0.mlp")  # type: ignore[list-item]
+    policy = Policy(mlp=0.5, estimator={"mlp": spec})
+    (plan,) = make_plan([group], policy, None, True).groups
+    assert plan.estimator == spec
+    svd = Policy(mlp=0.5, estimator={"mlp": EstimatorSpec("svd", rank=4)})
+    assert make_plan([group], svd, 16, True).groups[0].estimator == EstimatorSpec("svd", rank=16)

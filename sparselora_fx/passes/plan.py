@@ -5,6 +5,7 @@ The rewrite reads only the plan; nothing below this point looks at the policy ag
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -14,7 +15,7 @@ from typing import Any
 
 from ..errors import PolicyError
 from ..names import PEFT_ROOTS, normalize_module_name, source_to_path
-from ..policy import describe_estimator, layer_index
+from ..policy import EstimatorSpec, layer_index
 from ..policy.checking import (
     GraphNames,
     PolicyWarning,
@@ -29,19 +30,6 @@ from .analyse.groups import Group, Skipped
 log = logging.getLogger("sparselora_fx")
 
 
-@dataclass(frozen=True)
-class EstimatorChoice:
-    kind: str = "svd"
-    rank: int = 8
-    samples: int = 64
-    seed: int = 0
-    fraction: float = 0.0
-
-    def describe(self) -> str:
-        """Short text for tables, e.g. `token_sample:64+3%`."""
-        return describe_estimator(self.kind, self.rank, self.samples, self.fraction)
-
-
 @dataclass
 class GroupPlan:
     """One group's sparse configuration. ``keep`` counts units: channels, or RoPE pairs per head."""
@@ -50,7 +38,7 @@ class GroupPlan:
     sparsity: float
     keep: int
     keep_pass: int = 0  # Q/K with partial rotary: pass-through dims kept per head
-    estimator: EstimatorChoice = EstimatorChoice()
+    estimator: EstimatorSpec = EstimatorSpec()  # the policy's, with options['estimator_rank'] applied
 
     @property
     def kept_channels(self) -> int:
@@ -99,10 +87,9 @@ def make_plan(groups: list[Group], policy: Any, estimator_rank: int | None = Non
         if sparsity is None:
             dense.append(Skipped(group.name, f"{group.kind}: dense by policy"))
             continue
-        est = policy.estimator_for(group.policy_kind)
-        rank = estimator_rank if (estimator_rank and est.kind == "svd") else (est.rank or 8)
-        choice = EstimatorChoice(kind=est.kind, rank=rank, samples=est.samples or 64, seed=est.seed or 0,
-                                 fraction=est.fraction or 0.0)
+        choice = policy.estimator_for(group.policy_kind)
+        if estimator_rank and choice.kind == "svd":
+            choice = dataclasses.replace(choice, rank=estimator_rank)
         if group.kind == "attn_qk":
             rot, passthrough = qk_units(group)
             keep = keep_count(rot, sparsity)

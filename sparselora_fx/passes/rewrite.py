@@ -339,8 +339,7 @@ def _split_mlp_tokens(group: Group, split: TokenSplit) -> None:
 
 
 def _estimator_args(gp: GroupPlan) -> tuple[str, int, int, int, float]:
-    e = gp.estimator
-    return e.kind, e.rank, e.samples, e.seed, e.fraction
+    return gp.estimator.op_args()
 
 
 def _factor_args(gp: GroupPlan, factors: GraphFactors | None, *units: LoraUnit | None) -> tuple[Node | None, ...]:

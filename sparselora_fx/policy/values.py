@@ -199,6 +199,18 @@ class EstimatorSpec:
         """Short text for tables: `svd:8`, `token_sample:64+3%`, `random`."""
         return describe_estimator(self.kind, self.rank, self.samples, self.fraction)
 
+    def op_args(self) -> tuple[str, int, int, int, float]:
+        """``(kind, rank, samples, seed, fraction)``: the estimator arguments every ``sparselora::select_*``
+        op takes, a knob this kind leaves unset at its default (the op passes all five to every kind).
+
+        Why here: custom-op schemas take plain scalars, not this dataclass; this is the one place
+        that says which scalars, in what order, with what defaults.
+        """
+        return (self.kind, DEFAULT_SVD_RANK if self.rank is None else self.rank,
+                DEFAULT_TOKEN_SAMPLES if self.samples is None else self.samples,
+                DEFAULT_TOKEN_SEED if self.seed is None else self.seed,
+                0.0 if self.fraction is None else float(self.fraction))
+
 
 # Measured defaults (benchmarks/results/fidelity.md, MiniLM-L6 real weights): exact activations of
 # sampled tokens keep far more of the oracle's activation energy than the rank-8 SVD (0.91 with 64
