@@ -24,9 +24,9 @@ from tests._weights import low_rank_weight
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
+    """An empty in-memory cache and a disk folder of its own (so the once-per-folder sweep runs anew)."""
     monkeypatch.setenv("SPARSELORA_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("SPARSELORA_DISK_CACHE", "1")
-    monkeypatch.setattr(fc, "_SWEPT", set())
     fc.clear_cache()
     yield
     fc.clear_cache()
