@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch.fx import Node
@@ -76,6 +76,32 @@ def _node_args(node: Node) -> list[Node]:
     out: list[Node] = []
     torch.fx.node.map_arg((node.args, node.kwargs), lambda n: out.append(n))
     return out
+
+
+def _ancestors(node: Node) -> Iterator[Node]:
+    """``node`` and every node it is computed from, each once (depth first)."""
+    seen: set[Node] = set()
+    stack = [node]
+    while stack:
+        cur = stack.pop()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        yield cur
+        stack.extend(_node_args(cur))
+
+
+def _pair_on_last_dim(node: Node, fns: Any) -> tuple[Any, Any] | None:
+    """The two tensors of ``cat``/``stack((a, b), dim=-1)`` (``fns`` says which), else None."""
+    if not ops.is_call(node, fns):
+        return None
+    tensors = _arg(node, 0, "tensors")
+    shape = _shape(node)
+    if not isinstance(tensors, (tuple, list)) or len(tensors) != 2 or shape is None:
+        return None
+    if _norm_dim(_arg(node, 1, "dim", 0), len(shape)) != len(shape) - 1:
+        return None
+    return tensors[0], tensors[1]
 
 
 def _is_scalar_scale(node: Node) -> Node | None:

@@ -19,8 +19,8 @@ from torch.fx import Node
 from ... import graph_ops as ops
 from ..units import LoraUnit, last_dim_piece, part_unit
 from .common import (
-    _SEARCH_DEPTH, _arg, _input, _is_identity_view, _is_passthrough, _is_scalar_scale, _node_args, _norm_dim,
-    _NotAttn, _op_name, _Rope, _same_dim, _same_shape, _shape, _Side, _static, _swaps)
+    _SEARCH_DEPTH, _ancestors, _arg, _input, _is_identity_view, _is_passthrough, _is_scalar_scale, _node_args, _norm_dim,
+    _NotAttn, _op_name, _pair_on_last_dim, _Rope, _same_dim, _same_shape, _shape, _Side, _static, _swaps)
 
 HEAD_NORM_REASON = "per-head norm before RoPE (q_norm/k_norm) needs every head dim"
 
@@ -93,30 +93,13 @@ def _negated(node: Any) -> Node | None:
 
 def _depends_on(node: Any, target: Node) -> bool:
     """Whether ``node`` is computed from ``target`` (an ancestor search)."""
-    if not isinstance(node, Node):
-        return False
-    seen: set[Node] = set()
-    stack = [node]
-    while stack:
-        cur = stack.pop()
-        if cur is target:
-            return True
-        if cur in seen:
-            continue
-        seen.add(cur)
-        stack.extend(_node_args(cur))
-    return False
+    return isinstance(node, Node) and any(cur is target for cur in _ancestors(node))
 
 
 def _rotate_half(rot: Node) -> tuple[Node, list[Node]] | None:
     """``cat((-x2, x1), -1)`` with x1/x2 the two halves of x: (x, nodes)."""
-    if not ops.is_call(rot, ops.CAT_FNS):
-        return None
-    tensors = _arg(rot, 0, "tensors")
-    shape = _shape(rot)
-    if not isinstance(tensors, (tuple, list)) or len(tensors) != 2 or shape is None:
-        return None
-    if _norm_dim(_arg(rot, 1, "dim", 0), len(shape)) != len(shape) - 1:
+    tensors = _pair_on_last_dim(rot, ops.CAT_FNS)
+    if tensors is None:
         return None
     second = _negated(tensors[0])
     h2, h1 = _half(second), _half(tensors[1])
@@ -130,13 +113,8 @@ def _rotate_interleaved(rot: Node) -> tuple[Node, list[Node]] | None:
     if not ops.is_call(rot, ops.VIEW_FNS, ops.VIEW_METHODS) or not isinstance(_input(rot), Node):
         return None
     stack = _input(rot)
-    if not ops.is_call(stack, ops.STACK_FNS):
-        return None
-    tensors = _arg(stack, 0, "tensors")
-    st_shape = _shape(stack)
-    if not isinstance(tensors, (tuple, list)) or len(tensors) != 2 or st_shape is None:
-        return None
-    if _norm_dim(_arg(stack, 1, "dim", 0), len(st_shape)) != len(st_shape) - 1:
+    tensors = _pair_on_last_dim(stack, ops.STACK_FNS)
+    if tensors is None:
         return None
     odd = _last_dim_slice(_negated(tensors[0]))
     even = _last_dim_slice(tensors[1])

@@ -15,7 +15,7 @@ from torch.fx import Node
 from ... import graph_ops as ops
 from ..groups import Group, common_prefix
 from .common import (
-    _arg, _check_side_contained, _free, _input, _is_passthrough, _is_scalar_scale, _node_args, _norm_dim,
+    _ancestors, _arg, _check_side_contained, _free, _input, _is_passthrough, _is_scalar_scale, _norm_dim,
     _NotAttn, _shape, _Side, _Site, _swaps)
 from .layout import _gqa_ok
 
@@ -109,19 +109,11 @@ def _padding_mask(mask: Any) -> Node | None:
     """The ``attention_mask`` input placeholder ([batch, seq]) the attention mask is built from."""
     if not isinstance(mask, Node):
         return None
-    seen: set[Node] = set()
-    stack = [mask]
-    while stack:
-        cur = stack.pop()
-        if cur in seen:
-            continue
-        seen.add(cur)
-        if cur.op == "placeholder":
+    for cur in _ancestors(mask):
+        if cur.op == "placeholder" and "attention_mask" in cur.name.lower():
             shape = _shape(cur)
-            if "attention_mask" in cur.name.lower() and shape is not None and len(shape) == 2:
+            if shape is not None and len(shape) == 2:
                 return cur
-            continue
-        stack.extend(_node_args(cur))
     return None
 
 
