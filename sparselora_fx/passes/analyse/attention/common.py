@@ -91,15 +91,17 @@ def _ancestors(node: Node) -> Iterator[Node]:
         stack.extend(_node_args(cur))
 
 
-def _pair_on_last_dim(node: Node, fns: Any) -> tuple[Any, Any] | None:
-    """The two tensors of ``cat``/``stack((a, b), dim=-1)`` (``fns`` says which), else None."""
+def _pair_along(node: Node, fns: Any, dim: int | None = None) -> tuple[Any, Any] | None:
+    """The two tensors of ``cat``/``stack((a, b), dim)`` (``fns`` says which; ``dim`` None: the
+    last dim of the result), else None."""
     if not ops.is_call(node, fns):
         return None
     tensors = _arg(node, 0, "tensors")
     shape = _shape(node)
     if not isinstance(tensors, (tuple, list)) or len(tensors) != 2 or shape is None:
         return None
-    if _norm_dim(_arg(node, 1, "dim", 0), len(shape)) != len(shape) - 1:
+    want = len(shape) - 1 if dim is None else dim
+    if _norm_dim(_arg(node, 1, "dim", 0), len(shape)) != want:
         return None
     return tensors[0], tensors[1]
 

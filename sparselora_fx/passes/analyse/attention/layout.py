@@ -20,7 +20,7 @@ from ... import graph_ops as ops
 from ..units import LoraUnit, last_dim_piece, part_unit
 from .common import (
     _SEARCH_DEPTH, _ancestors, _arg, _input, _is_identity_view, _is_passthrough, _is_scalar_scale, _node_args, _norm_dim,
-    _NotAttn, _op_name, _pair_on_last_dim, _Rope, _same_dim, _same_shape, _shape, _Side, _static, _swaps)
+    _NotAttn, _op_name, _pair_along, _Rope, _same_dim, _same_shape, _shape, _Side, _static, _swaps)
 
 HEAD_NORM_REASON = "per-head norm before RoPE (q_norm/k_norm) needs every head dim"
 
@@ -98,7 +98,7 @@ def _depends_on(node: Any, target: Node) -> bool:
 
 def _rotate_half(rot: Node) -> tuple[Node, list[Node]] | None:
     """``cat((-x2, x1), -1)`` with x1/x2 the two halves of x: (x, nodes)."""
-    tensors = _pair_on_last_dim(rot, ops.CAT_FNS)
+    tensors = _pair_along(rot, ops.CAT_FNS)
     if tensors is None:
         return None
     second = _negated(tensors[0])
@@ -113,7 +113,7 @@ def _rotate_interleaved(rot: Node) -> tuple[Node, list[Node]] | None:
     if not ops.is_call(rot, ops.VIEW_FNS, ops.VIEW_METHODS) or not isinstance(_input(rot), Node):
         return None
     stack = _input(rot)
-    tensors = _pair_on_last_dim(stack, ops.STACK_FNS)
+    tensors = _pair_along(stack, ops.STACK_FNS)
     if tensors is None:
         return None
     odd = _last_dim_slice(_negated(tensors[0]))
@@ -161,13 +161,8 @@ def _match_rope(node: Node) -> _Rope | None:
     full = _full_rope(node)
     if full is not None:
         return full
-    if not ops.is_call(node, ops.CAT_FNS):
-        return None
-    tensors = _arg(node, 0, "tensors")
-    shape = _shape(node)
-    if not isinstance(tensors, (tuple, list)) or len(tensors) != 2 or shape is None:
-        return None
-    if _norm_dim(_arg(node, 1, "dim", 0), len(shape)) != len(shape) - 1 or not isinstance(tensors[0], Node):
+    tensors = _pair_along(node, ops.CAT_FNS)
+    if tensors is None or not isinstance(tensors[0], Node):
         return None
     inner = _full_rope(tensors[0])
     if inner is None:
@@ -204,16 +199,11 @@ def _is_empty_const(node: Any) -> bool:
 
 def _cache_cat(node: Node, seq_dim: int) -> Node | None:
     """``torch.cat([empty, x], dim=seq)`` (the KV cache HF concatenates even in training): x."""
-    if not ops.is_call(node, ops.CAT_FNS):
-        return None
-    tensors = _arg(node, 0, "tensors")
-    shape = _shape(node)
-    if not isinstance(tensors, (tuple, list)) or len(tensors) != 2 or shape is None:
-        return None
-    if _norm_dim(_arg(node, 1, "dim", 0), len(shape)) != seq_dim:
+    tensors = _pair_along(node, ops.CAT_FNS, seq_dim)
+    if tensors is None:
         return None
     empty, x = tensors
-    if not _is_empty_const(empty) or not isinstance(x, Node) or not _same_shape(_shape(x), shape):
+    if not _is_empty_const(empty) or not isinstance(x, Node) or not _same_shape(_shape(x), _shape(node)):
         return None
     return x
 
